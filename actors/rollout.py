@@ -1,0 +1,208 @@
+"""Rollout worker: drives episodes turn by turn and streams one Arrow row per finished turn.
+
+For each turn it asks the generators for the next action of every live episode
+(token ids in, token ids + log-probs out, spread over the generators), hands the
+actions to the env workers (batched BM25 search, rewards), appends the env reply
+as observation tokens rendered by the model's chat template, and sends the
+finished turns to the replay queue as a RecordBatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from actors.engine import SamplingParams
+from common import schema as S
+from common.modeling import load_tokenizer, observation_glue
+
+log = logging.getLogger(__name__)
+
+
+def stable_hash(data: Any) -> int:
+    """A process-independent signed 64-bit hash (Python's hash() is salted per process)."""
+    digest = hashlib.blake2b(repr(data).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+@dataclass
+class _Episode:
+    episode_id: int
+    group_id: int
+    prompt_id: int
+    group_size: int
+    example: dict
+    env_index: int
+    messages: list[dict] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    context: list[int] = field(default_factory=list)
+    turn: int = 0
+    state_hash: int = 0
+    done: bool = False
+    summary: dict = field(default_factory=dict)
+
+
+class RolloutWorker:
+    """Plain class; the driver wraps it with ``ray.remote``."""
+
+    def __init__(self, model_path: str, generators: list, env_workers: list, queue=None, *,
+                 run_id: str = "run", max_tokens_per_turn: int = 64, max_tokens_per_episode: int = 512):
+        self.tokenizer = load_tokenizer(model_path)
+        self.generators = generators
+        self.env_workers = env_workers
+        self.queue = queue
+        self.run_id = run_id
+        self.max_tokens_per_turn = max_tokens_per_turn
+        self.max_tokens_per_episode = max_tokens_per_episode
+        self._next_gen = 0
+
+    def run(self, examples: list[dict], *, group_size: int, first_group_id: int, first_episode_id: int,
+            params: SamplingParams, to_queue: bool = True) -> dict[str, Any]:
+        """Run ``group_size`` episodes of every example; return per-episode summaries and counts."""
+        t0 = time.time()
+        episodes: list[_Episode] = []
+        for q, ex in enumerate(examples):
+            for g in range(group_size):
+                eid = first_episode_id + q * group_size + g
+                episodes.append(_Episode(eid, first_group_id + q, int(ex.get("prompt_id", first_group_id + q)),
+                                         group_size, ex, eid % len(self.env_workers)))
+        self._reset(episodes)
+        rows_sent, action_tokens, call = 0, 0, 0
+        while True:
+            live = [e for e in episodes if not e.done]
+            if not live:
+                break
+            call += 1
+            rows = self._turn(live, params, call)
+            action_tokens += sum(len(r[S.ACTION_TOKEN_IDS]) for r in rows)
+            if to_queue and rows and self.queue is not None:
+                ray.get(self.queue.put.remote(S.transitions_to_batch(rows)))
+                rows_sent += len(rows)
+        elapsed = time.time() - t0
+        return {
+            "episodes": [e.summary for e in episodes],
+            "rows": rows_sent,
+            "action_tokens": action_tokens,
+            "seconds": elapsed,
+        }
+
+    # -- phases --------------------------------------------------------------------
+    def _reset(self, episodes: list[_Episode]) -> None:
+        by_env: dict[int, list[_Episode]] = {}
+        for e in episodes:
+            by_env.setdefault(e.env_index, []).append(e)
+        refs = {i: self.env_workers[i].reset.remote([str(e.episode_id) for e in eps], [e.example for e in eps])
+                for i, eps in by_env.items()}
+        for i, eps in by_env.items():
+            for e, messages in zip(eps, ray.get(refs[i])):
+                e.messages = messages
+                text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                e.context = self.tokenizer.encode(text, add_special_tokens=False)
+                e.tokens = list(e.context)
+                e.state_hash = stable_hash(e.context)
+
+    def _turn(self, live: list[_Episode], params: SamplingParams, call: int) -> list[dict]:
+        t_start = time.time()
+        caps = [max(1, min(self.max_tokens_per_turn, self.max_tokens_per_episode - len(e.tokens))) for e in live]
+        outputs = self._generate([e.tokens for e in live], params, caps, call)
+        actions = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outputs]
+        results = self._env_step(live, actions)
+        t_end = time.time()
+        rows = []
+        eos = self.tokenizer.eos_token_id
+        for e, out, action, res in zip(live, outputs, actions, results):
+            info = res.info or {}
+            out_of_budget = len(e.tokens) + len(out.token_ids) >= self.max_tokens_per_episode
+            done = bool(res.done) or out_of_budget
+            truncated = bool(info.get("truncated", False)) or (out_of_budget and not res.done)
+            obs_ids: list[int] = []
+            if not done:
+                glue = observation_glue(self.tokenizer, e.messages, action, res.observation_text,
+                                        bool(out.token_ids) and out.token_ids[-1] == eos)
+                obs_ids = self.tokenizer.encode(glue, add_special_tokens=False)
+            outcome = (res.outcome_reward or {}) if res.done else {}
+            turn_components = {k: float(v) for k, v in (res.turn_reward or {}).items()}
+            rows.append({
+                S.RUN_ID: self.run_id, S.GROUP_ID: e.group_id, S.EPISODE_ID: e.episode_id,
+                S.PROMPT_ID: e.prompt_id, S.TURN_INDEX: e.turn, S.POLICY_VERSION: out.version,
+                S.CONTEXT_TOKEN_IDS: e.context if e.turn == 0 else [],
+                S.ACTION_TOKEN_IDS: out.token_ids, S.ACTION_LOGPROBS: out.logprobs,
+                S.OBSERVATION_TOKEN_IDS: obs_ids, S.STATE_HASH: e.state_hash,
+                S.TURN_REWARD: sum(turn_components.values()), S.TURN_REWARD_COMPONENTS: turn_components,
+                S.IS_LAST_TURN: done, S.OUTCOME_REWARD: sum((outcome or {}).values()),
+                S.OUTCOME_REWARD_COMPONENTS: {k: float(v) for k, v in (outcome or {}).items()},
+                S.TRUNCATED: truncated, S.TOOL_CALLED: bool(info.get("tool_called", False)),
+                S.TOOL_SUCCESS: bool(info.get("tool_success", False)),
+                S.RESULT_CONTAINS_ANSWER: bool(info.get("result_contains_answer", False)),
+                S.GROUP_SIZE: e.group_size, S.T_START: t_start, S.T_END: t_end,
+            })
+            self._summarise(e, rows[-1], action, info)
+            if done:
+                e.done = True
+            else:
+                e.tokens += out.token_ids + obs_ids
+                e.messages = e.messages + [{"role": "assistant", "content": action},
+                                           {"role": "user", "content": res.observation_text}]
+                e.state_hash = stable_hash(res.observation_text)
+                e.turn += 1
+        done_ids: dict[int, list[int]] = {}
+        for e in live:
+            if e.done:
+                done_ids.setdefault(e.env_index, []).append(str(e.episode_id))
+        for i, ids in done_ids.items():
+            self.env_workers[i].close.remote(ids)
+        return rows
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams, caps: list[int], call: int):
+        """Spread the batch over the generators in contiguous, balanced chunks."""
+        n = len(self.generators)
+        chunk = -(-len(prompts) // n)
+        refs = []
+        for j in range(n):
+            lo, hi = j * chunk, min(len(prompts), (j + 1) * chunk)
+            if lo >= hi:
+                continue
+            p = SamplingParams(**{**params.__dict__})
+            if p.seed is not None:
+                p.seed = p.seed + 1_000_003 * call + j
+            gen = self.generators[(self._next_gen + j) % n]
+            refs.append(gen.generate.remote(prompts[lo:hi], p, caps[lo:hi]))
+        self._next_gen = (self._next_gen + 1) % n
+        return [o for chunk_out in ray.get(refs) for o in chunk_out]
+
+    def _env_step(self, live: list[_Episode], actions: list[str]) -> list:
+        by_env: dict[int, list[int]] = {}
+        for k, e in enumerate(live):
+            by_env.setdefault(e.env_index, []).append(k)
+        refs = {i: self.env_workers[i].step.remote([str(live[k].episode_id) for k in ks], [actions[k] for k in ks])
+                for i, ks in by_env.items()}
+        results: list = [None] * len(live)
+        for i, ks in by_env.items():
+            for k, r in zip(ks, ray.get(refs[i])):
+                results[k] = r
+        return results
+
+    @staticmethod
+    def _summarise(e: _Episode, row: dict, action: str, info: dict) -> None:
+        s = e.summary
+        s.setdefault("episode_id", e.episode_id)
+        s.setdefault("group_id", e.group_id)
+        s["turns"] = e.turn + 1
+        s["tool_calls"] = s.get("tool_calls", 0) + int(row[S.TOOL_CALLED])
+        s["tool_successes"] = s.get("tool_successes", 0) + int(row[S.TOOL_SUCCESS])
+        s["answer_in_result"] = s.get("answer_in_result", False) or row[S.RESULT_CONTAINS_ANSWER]
+        s["turn_reward"] = s.get("turn_reward", 0.0) + row[S.TURN_REWARD]
+        s["action_tokens"] = s.get("action_tokens", 0) + len(row[S.ACTION_TOKEN_IDS])
+        s.setdefault("actions", []).append(action)
+        if row[S.IS_LAST_TURN]:
+            comps = row[S.OUTCOME_REWARD_COMPONENTS]
+            s["outcome_reward"] = row[S.OUTCOME_REWARD]
+            s["exact_match"] = float(comps.get("exact_match", 0.0) > 0)
+            s["format"] = float(comps.get("format", 0.0))
+            s["truncated"] = row[S.TRUNCATED]
+            s["answer"] = info.get("answer")

@@ -1,0 +1,58 @@
+"""The ``turnrl`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from common.config import ConfigError, load_config
+
+log = logging.getLogger("turnrl")
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="turnrl", description="Multi-turn tool-use RL with turn-level credit")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="train a policy (starts Ray locally or joins ray.address)")
+    p_train.add_argument("--config", required=True, help="YAML config file")
+    p_train.add_argument("--run-dir", default=None, help="run directory (default runs/<name>-<time>)")
+    p_train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-4")
+    p_warm = sub.add_parser("warmstart", help="regenerate the demo warm-start checkpoint deterministically")
+    p_warm.add_argument("--config", required=True, help="YAML config file (data + model sections)")
+    p_warm.add_argument("--out", default=None, help="output directory (default: model.path)")
+    p_warm.add_argument("overrides", nargs="*", help="dotted overrides")
+    args = parser.parse_args(argv)
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"turnrl: {e}", file=sys.stderr)
+        return 2
+    _setup_logging(cfg.run.log_level)
+    if args.command == "train":
+        from learner.driver import train
+
+        if args.run_dir:
+            cfg.run.run_dir = args.run_dir
+        try:
+            train(cfg)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"turnrl: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "warmstart":
+        from learner.warmstart import build_warmstart
+
+        build_warmstart(cfg, out_dir=args.out or cfg.model.path)
+        return 0
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Metric names (one place) and their Prometheus exposition.
+
+Logs use ``area/quantity/stat`` names; Prometheus gets ``turnrl_<area>_<quantity>[_stat]``.
+Every metric the system emits is declared in ``METRICS`` with a help string, so the
+README, the Grafana dashboards and the code agree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+log = logging.getLogger(__name__)
+
+# --- rollout -----------------------------------------------------------------
+REWARD_TOTAL = "rollout/reward/total/mean"
+REWARD_TURN = "rollout/reward/turn/mean"
+REWARD_OUTCOME = "rollout/reward/outcome/mean"
+TOOL_SUCCESS = "rollout/tool_success/rate"
+TOOL_CALLED = "rollout/tool_called/rate"
+ANSWER_IN_RESULT = "rollout/answer_in_result/rate"
+EXACT_MATCH = "rollout/exact_match/rate"
+FORMAT_SCORE = "rollout/format/mean"
+TRUNCATED = "rollout/truncated/rate"
+TURNS_MEAN = "rollout/turns/mean"
+ACTION_TOKENS_MEAN = "rollout/action_tokens/mean"
+EPISODES_TOTAL = "rollout/episodes/total"
+# --- advantages ----------------------------------------------------------------
+ADV_TURN_MEAN = "train/advantage/turn{k}/mean"  # format with k = turn index
+ADV_TURN_STD = "train/advantage/turn{k}/std"
+# --- learner ------------------------------------------------------------------
+LOSS = "train/loss"
+KL = "train/kl"
+CLIP_FRAC = "train/clip_frac"
+ENTROPY = "train/entropy"
+GRAD_NORM = "train/grad_norm"
+LR = "train/lr"
+POLICY_VERSION = "train/policy_version"
+STEP = "train/step"
+# --- queue ------------------------------------------------------------------------
+QUEUE_ROWS = "queue/depth/rows"
+QUEUE_BYTES = "queue/depth/bytes"
+QUEUE_GROUPS = "queue/depth/groups"
+QUEUE_PUT_ROWS = "queue/put/rows_total"
+QUEUE_GET_ROWS = "queue/get/rows_total"
+QUEUE_DROPPED_STALE = "queue/dropped_stale/groups_total"
+POLICY_LAG_MEAN = "queue/policy_lag/mean"
+POLICY_LAG_MAX = "queue/policy_lag/max"
+# --- performance -------------------------------------------------------------------
+TOKENS_PER_S = "perf/tokens_per_s"
+TIME_ROLLOUT = "perf/time/rollout_s"
+TIME_ADVANTAGE = "perf/time/advantage_s"
+TIME_UPDATE = "perf/time/update_s"
+TIME_SYNC = "perf/time/weight_push_s"
+TIME_STEP = "perf/time/step_s"
+
+METRICS: dict[str, str] = {
+    REWARD_TOTAL: "Mean total reward (turn + outcome) per episode",
+    REWARD_TURN: "Mean summed turn reward per episode",
+    REWARD_OUTCOME: "Mean outcome reward per episode",
+    TOOL_SUCCESS: "Fraction of tool calls that executed successfully",
+    TOOL_CALLED: "Fraction of episodes that called the tool at least once",
+    ANSWER_IN_RESULT: "Fraction of episodes whose search result contained an answer alias",
+    EXACT_MATCH: "Fraction of episodes whose answer exactly matched an alias",
+    FORMAT_SCORE: "Mean format reward component",
+    TRUNCATED: "Fraction of episodes cut at max turns or max tokens",
+    TURNS_MEAN: "Mean assistant turns per episode",
+    ACTION_TOKENS_MEAN: "Mean action tokens per episode",
+    EPISODES_TOTAL: "Episodes consumed by the learner so far",
+    LOSS: "Policy loss of the last step",
+    KL: "Approximate KL between behaviour and current policy",
+    CLIP_FRAC: "Fraction of action tokens whose ratio was clipped",
+    ENTROPY: "Mean token entropy of the policy",
+    GRAD_NORM: "Global gradient norm before clipping",
+    LR: "Learning rate",
+    POLICY_VERSION: "Version of the learner's weights",
+    STEP: "Learner step",
+    QUEUE_ROWS: "Turns held in the replay queue",
+    QUEUE_BYTES: "Bytes of Arrow data held in the replay queue",
+    QUEUE_GROUPS: "Complete groups waiting in the replay queue",
+    QUEUE_PUT_ROWS: "Turns put into the replay queue",
+    QUEUE_GET_ROWS: "Turns handed to the learner",
+    QUEUE_DROPPED_STALE: "Groups dropped for exceeding the policy-lag bound",
+    POLICY_LAG_MEAN: "Mean policy lag (versions) of turns handed to the learner",
+    POLICY_LAG_MAX: "Max policy lag (versions) of turns handed to the learner",
+    TOKENS_PER_S: "Action tokens generated per second during rollout",
+    TIME_ROLLOUT: "Seconds spent generating the step's episodes",
+    TIME_ADVANTAGE: "Seconds spent computing advantages",
+    TIME_UPDATE: "Seconds spent in the DeepSpeed update",
+    TIME_SYNC: "Seconds spent pushing weights to the generators",
+    TIME_STEP: "Seconds per training step",
+}
+for _k in range(8):
+    METRICS[ADV_TURN_MEAN.format(k=_k)] = f"Mean advantage of turn {_k} tokens' turns"
+    METRICS[ADV_TURN_STD.format(k=_k)] = f"Std of the advantage of turn {_k}"
+
+
+def prometheus_name(name: str) -> str:
+    """``rollout/tool_success/rate`` -> ``turnrl_rollout_tool_success_rate``."""
+    return "turnrl_" + re.sub(r"[^a-zA-Z0-9_]", "_", name).strip("_")
+
+
+class MetricsSink:
+    """Writes step metrics to ``metrics.jsonl`` and serves them on a Prometheus endpoint."""
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True, host: str = "127.0.0.1", port: int = 0):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.registry = CollectorRegistry()
+        self._gauges: dict[str, Gauge] = {}
+        self.port: int | None = None
+        self._server = None
+        if enabled:
+            for name, help_text in METRICS.items():
+                self._gauges[name] = Gauge(prometheus_name(name), help_text, registry=self.registry)
+            self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
+            self.port = self._server.server_port
+            self.host = host
+            log.info("metrics served on http://%s:%d/metrics", host, self.port)
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        record = {"step": step, "time": time.time(), **{k: _num(v) for k, v in values.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for name, value in values.items():
+            gauge = self._gauges.get(name)
+            if gauge is not None and value is not None:
+                gauge.set(float(value))
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def _num(v: Any) -> Any:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v

@@ -1,0 +1,56 @@
+"""Make sure the corpus, questions and BM25 index exist and are valid, before Ray starts."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataPaths:
+    corpus: Path
+    train: Path
+    eval: Path
+    index_dir: Path
+
+
+def prepare_data(dcfg) -> DataPaths:
+    """Generate the demo data (if ``kind: demo`` and absent), validate files, build the index.
+
+    Every failure names the file and what was expected (``FileNotFoundError`` / ``ValueError``).
+    """
+    from env_workers.corpus import load_corpus
+    from env_workers.demo_data import generate_demo_data, load_questions
+    from env_workers.index import BM25Index
+
+    root = Path(dcfg.dir)
+    if dcfg.kind == "demo":
+        marker = root / f".demo-{dcfg.seed}-{dcfg.num_people}-{dcfg.num_cities}-{dcfg.num_countries}-{dcfg.eval_fraction}"
+        if not marker.exists():
+            generate_demo_data(root, seed=dcfg.seed, num_people=dcfg.num_people, num_cities=dcfg.num_cities,
+                               num_countries=dcfg.num_countries, eval_fraction=dcfg.eval_fraction)
+            for old in root.glob(".demo-*"):
+                old.unlink()
+            index_dir = root / "index"
+            if index_dir.exists():
+                import shutil
+
+                shutil.rmtree(index_dir)
+            marker.touch()
+        paths = DataPaths(root / "corpus.parquet", root / "train.parquet", root / "eval.parquet", root / "index")
+    else:
+        corpus = Path(dcfg.corpus_path)
+        paths = DataPaths(corpus, Path(dcfg.train_path), Path(dcfg.eval_path), root / "index")
+    for split in (paths.train, paths.eval):  # fail early on a missing/wrong-layout question file
+        if not load_questions(split, limit=1):
+            raise ValueError(f"question file {str(split)!r} holds no questions (expected columns question, answers)")
+    try:
+        BM25Index.load(paths.index_dir)  # validates a saved index
+    except FileNotFoundError:
+        corpus = load_corpus(paths.corpus)
+        log.info("building BM25 index over %d passages -> %s", corpus.num_rows, paths.index_dir)
+        BM25Index.build(corpus).save(paths.index_dir)
+    return paths

@@ -1,0 +1,513 @@
+"""Turn-level credit assignment: per-turn advantage estimators for multi-turn episodes.
+
+Every estimator is a pure tensor function registered by name in :data:`ESTIMATORS`, so a YAML
+config can say ``advantage: mt_grpo``. All share one calling convention::
+
+    ESTIMATORS[name](turn_rewards, outcome_rewards, turn_mask, group_ids, **hparams) -> advantages
+
+    turn_rewards     float[B, K]  reward of turn k of episode b (ignored where the turn is absent)
+    outcome_rewards  float[B]     outcome (final-answer) reward of episode b
+    turn_mask        bool[B, K]   turn k exists in episode b; turns are contiguous from 0
+    group_ids        long[B]      episodes sampled for the same prompt share an id (any ints)
+    advantages       float[B, K]  exactly 0 where the turn does not exist
+
+Notation used in the docstrings: ``norm_g(x)_b = (x_b - mean_g(x)) / (std_g(x) + eps)`` where
+the statistics run over the episodes of b's group (:func:`group_normalize`); ``L_b`` is the
+index of episode b's last turn; ``r~_{b,k} = turn_rewards[b, k]`` if the turn exists else 0.
+
+Turning per-turn advantages into per-token advantages is a separate step,
+:func:`broadcast_to_tokens`.
+
+Reference: Zeng et al. 2025, "Reinforcing Multi-Turn Reasoning in LLM Agents via Turn-Level
+Credit Assignment", arXiv 2505.11821 (MT-GRPO). GiGPO: Feng et al. 2025, "Group-in-Group
+Policy Optimization for LLM Agent Training", arXiv 2505.10978.
+
+This module never imports Ray and takes no config objects: hyperparameters are keyword args.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ESTIMATORS",
+    "register_estimator",
+    "get_estimator",
+    "group_normalize",
+    "broadcast_to_tokens",
+    "grpo_or",
+    "grpo_mr",
+    "mt_grpo",
+    "mt_grpo_k",
+    "gigpo",
+]
+
+Estimator = Callable[..., Tensor]
+
+ESTIMATORS: dict[str, Estimator] = {}
+"""Advantage estimators by name; see the module docstring for the calling convention."""
+
+
+def register_estimator(name: str) -> Callable[[Estimator], Estimator]:
+    """Decorator adding an estimator to :data:`ESTIMATORS` under ``name``."""
+
+    def decorator(fn: Estimator) -> Estimator:
+        if name in ESTIMATORS and ESTIMATORS[name] is not fn:
+            raise ValueError(f"advantage estimator {name!r} is already registered")
+        ESTIMATORS[name] = fn
+        return fn
+
+    return decorator
+
+
+def get_estimator(name: str) -> Estimator:
+    """Look up an estimator by name; unknown names raise ``ValueError`` listing the valid ones."""
+    try:
+        return ESTIMATORS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown advantage estimator {name!r}; valid: {sorted(ESTIMATORS)}"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Group statistics
+# --------------------------------------------------------------------------------------------
+
+
+def _segment_normalize(
+    x: Tensor, segment_ids: Tensor, eps: float, scale_by_std: bool
+) -> Tensor:
+    """Normalise ``x`` within segments: (x - mean_s) / (std_s + eps), std unbiased (n - 1).
+
+    Args:
+        x: float[N] values.
+        segment_ids: long[N] arbitrary ints; equal ids form one segment.
+        eps: added to the std before dividing.
+        scale_by_std: if False only the mean is subtracted.
+
+    Returns:
+        float[N]; exactly 0 for every member of a segment of size 1 or whose values are all
+        equal (so no NaN/inf and no 1e-17 / eps leftovers from rounding in the mean).
+    """
+    if x.numel() == 0:
+        return x.clone()
+    _, inv = torch.unique(segment_ids, return_inverse=True)  # [N] in [0, S)
+    n_seg = int(inv.max().item()) + 1
+    zeros = x.new_zeros(n_seg)  # [S]
+    count = torch.bincount(inv, minlength=n_seg).to(x.dtype)  # [S]
+    mean = zeros.index_add(0, inv, x) / count  # [S]
+    centered = x - mean[inv]  # [N]
+    if scale_by_std:
+        sq = zeros.index_add(0, inv, centered * centered)  # [S]
+        std = (sq / (count - 1).clamp_min(1)).sqrt()  # [S] unbiased; n=1 handled below
+        out = centered / (std[inv] + eps)  # [N]
+    else:
+        out = centered  # [N]
+    seg_max = x.new_full((n_seg,), float("-inf")).scatter_reduce(0, inv, x, "amax")  # [S]
+    seg_min = x.new_full((n_seg,), float("inf")).scatter_reduce(0, inv, x, "amin")  # [S]
+    degenerate = (count < 2) | (seg_max == seg_min)  # [S]
+    return torch.where(degenerate[inv], torch.zeros_like(out), out)  # [N]
+
+
+def group_normalize(
+    x: Tensor, group_ids: Tensor, eps: float = 1e-6, scale_by_std: bool = True
+) -> Tensor:
+    """GRPO group normalisation ``norm_g(x)_b = (x_b - mean_g) / (std_g + eps)``.
+
+    ``mean_g`` and ``std_g`` run over the episodes b' with ``group_ids[b'] == group_ids[b]``.
+    ``std_g`` is the *unbiased* (Bessel, n - 1) standard deviation, as ``torch.std`` and the
+    GRPO implementations in TRL and verl use.
+
+    Args:
+        x: float[B] one value per episode.
+        group_ids: long[B] group of each episode (arbitrary, not necessarily contiguous ints).
+        eps: added to ``std_g`` before dividing.
+        scale_by_std: False gives plain centring ``x_b - mean_g`` (Dr.GRPO, arXiv 2503.20783).
+
+    Returns:
+        float[B]. A group whose values are all identical gives exactly 0 (never NaN), and so
+        does a group of size 1.
+    """
+    if x.dim() != 1 or group_ids.shape != x.shape:
+        raise ValueError(
+            f"group_normalize expects x [B] and group_ids [B]; got {tuple(x.shape)} and "
+            f"{tuple(group_ids.shape)}"
+        )
+    return _segment_normalize(x, group_ids, eps, scale_by_std)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers shared by the estimators
+# --------------------------------------------------------------------------------------------
+
+
+def _check_inputs(
+    turn_rewards: Tensor, outcome_rewards: Tensor, turn_mask: Tensor, group_ids: Tensor
+) -> Tensor:
+    """Validate shapes and turn contiguity; return ``turn_mask`` as bool[B, K]."""
+    if turn_rewards.dim() != 2:
+        raise ValueError(f"turn_rewards must be [B, K]; got {tuple(turn_rewards.shape)}")
+    b, k = turn_rewards.shape
+    if turn_mask.shape != (b, k):
+        raise ValueError(f"turn_mask must be [B, K]={b, k}; got {tuple(turn_mask.shape)}")
+    if outcome_rewards.shape != (b,):
+        raise ValueError(f"outcome_rewards must be [B]={b}; got {tuple(outcome_rewards.shape)}")
+    if group_ids.shape != (b,):
+        raise ValueError(f"group_ids must be [B]={b}; got {tuple(group_ids.shape)}")
+    if not torch.is_floating_point(turn_rewards) or not torch.is_floating_point(outcome_rewards):
+        raise ValueError("turn_rewards and outcome_rewards must be floating point tensors")
+    mask = turn_mask.bool()  # [B, K]
+    if k > 1 and bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+        raise ValueError("turn_mask must be contiguous from turn 0 (a turn exists after a gap)")
+    return mask
+
+
+def _num_turns(mask: Tensor) -> Tensor:
+    """long[B] number of existing turns per episode (last turn index is this minus 1)."""
+    return mask.sum(dim=1)  # [B]
+
+
+def _is_final_of_multi_turn(mask: Tensor) -> Tensor:
+    """bool[B, K]: turn k is the last turn of an episode that has at least two turns."""
+    n_turns = _num_turns(mask)  # [B]
+    k_idx = torch.arange(mask.shape[1], device=mask.device)  # [K]
+    return (k_idx[None, :] == (n_turns - 1)[:, None]) & (n_turns >= 2)[:, None]  # [B, K]
+
+
+def _discounted_suffix_sum(x: Tensor, gamma: float) -> Tensor:
+    """S[:, k] = sum_{j >= k} gamma^(j - k) x[:, j] for x float[B, K] (backward recursion)."""
+    out = torch.zeros_like(x)  # [B, K]
+    running = x.new_zeros(x.shape[0])  # [B]
+    for k in range(x.shape[1] - 1, -1, -1):
+        running = x[:, k] + gamma * running  # [B]
+        out[:, k] = running
+    return out
+
+
+def _masked(adv: Tensor, mask: Tensor) -> Tensor:
+    """Zero out absent turns exactly (``where``, so inf/NaN never leak through a 0 * x)."""
+    return torch.where(mask, adv, torch.zeros_like(adv))  # [B, K]
+
+
+# --------------------------------------------------------------------------------------------
+# Estimators
+# --------------------------------------------------------------------------------------------
+
+
+@register_estimator("grpo_or")
+def grpo_or(
+    turn_rewards: Tensor,
+    outcome_rewards: Tensor,
+    turn_mask: Tensor,
+    group_ids: Tensor,
+    *,
+    eps: float = 1e-6,
+    scale_by_std: bool = True,
+) -> Tensor:
+    """GRPO on the outcome reward only (the paper's GRPO-OR baseline).
+
+    ``A_{b,k} = norm_g(R^O)_b`` for every existing turn k of episode b; turn rewards are
+    ignored.
+
+    Args:
+        turn_rewards: float[B, K] (unused, kept for the common signature).
+        outcome_rewards: float[B].
+        turn_mask: bool[B, K].
+        group_ids: long[B].
+        eps, scale_by_std: see :func:`group_normalize`.
+
+    Returns:
+        float[B, K], 0 on absent turns.
+
+    Reference: Zeng et al. 2025 (arXiv 2505.11821), GRPO-OR; Shao et al. 2024 (GRPO).
+    """
+    mask = _check_inputs(turn_rewards, outcome_rewards, turn_mask, group_ids)
+    n_o = group_normalize(outcome_rewards, group_ids, eps, scale_by_std)  # [B]
+    return _masked(n_o[:, None].expand_as(turn_rewards), mask)  # [B, K]
+
+
+@register_estimator("grpo_mr")
+def grpo_mr(
+    turn_rewards: Tensor,
+    outcome_rewards: Tensor,
+    turn_mask: Tensor,
+    group_ids: Tensor,
+    *,
+    eps: float = 1e-6,
+    scale_by_std: bool = True,
+) -> Tensor:
+    """GRPO on the merged reward (the paper's GRPO-MR baseline).
+
+    ``A_{b,k} = norm_g(R^O + sum_j r~_{·,j})_b`` for every existing turn k: the turn rewards
+    are summed into the outcome and the total is smeared over the whole episode.
+
+    Args / Returns: as :func:`grpo_or`.
+
+    Reference: Zeng et al. 2025 (arXiv 2505.11821), GRPO-MR.
+    """
+    mask = _check_inputs(turn_rewards, outcome_rewards, turn_mask, group_ids)
+    r = _masked(turn_rewards, mask)  # [B, K]
+    total = outcome_rewards + r.sum(dim=1)  # [B]
+    n = group_normalize(total, group_ids, eps, scale_by_std)  # [B]
+    return _masked(n[:, None].expand_as(turn_rewards), mask)  # [B, K]
+
+
+@register_estimator("mt_grpo")
+def mt_grpo(
+    turn_rewards: Tensor,
+    outcome_rewards: Tensor,
+    turn_mask: Tensor,
+    group_ids: Tensor,
+    *,
+    turn_coef: float = 1.0,
+    outcome_coef: float = 1.0,
+    eps: float = 1e-6,
+    scale_by_std: bool = True,
+) -> Tensor:
+    """MT-GRPO, the paper's two-turn form generalised to "every turn before the last".
+
+    With ``R^T_b = sum_k r~_{b,k}`` (all of episode b's turn rewards)::
+
+        A_{b,k} = c_T * norm_g(R^T)_b + c_O * norm_g(R^O)_b    for k < L_b
+        A_{b,L_b} = norm_g(R^O)_b                               (last turn, if L_b >= 1)
+
+    An episode with a single turn (it answered without calling a tool) gets the combined
+    ``c_T * norm_g(R^T) + c_O * norm_g(R^O)`` on that turn, as the paper's reference code does.
+    In the paper's two-turn setting turn 0 is the tool call and turn 1 the answer, so the tool
+    call is credited with its own reward plus the outcome, the answer with the outcome only.
+
+    Args:
+        turn_rewards: float[B, K].
+        outcome_rewards: float[B].
+        turn_mask: bool[B, K].
+        group_ids: long[B].
+        turn_coef: c_T, weight of the normalised turn reward (paper: 1).
+        outcome_coef: c_O, weight of the normalised outcome on the non-final turns (paper's
+            code: 1; write-ups call it the relevance factor lambda and quote 0.2).
+        eps, scale_by_std: see :func:`group_normalize`.
+
+    Returns:
+        float[B, K], 0 on absent turns.
+
+    Reference: Zeng et al. 2025, arXiv 2505.11821, MT-GRPO advantage (Sec. 4, Fig. 2).
+    """
+    mask = _check_inputs(turn_rewards, outcome_rewards, turn_mask, group_ids)
+    r = _masked(turn_rewards, mask)  # [B, K]
+    n_t = group_normalize(r.sum(dim=1), group_ids, eps, scale_by_std)  # [B]
+    n_o = group_normalize(outcome_rewards, group_ids, eps, scale_by_std)  # [B]
+    combined = turn_coef * n_t + outcome_coef * n_o  # [B]
+    final = _is_final_of_multi_turn(mask)  # [B, K]
+    adv = torch.where(final, n_o[:, None], combined[:, None])  # [B, K]
+    return _masked(adv, mask)  # [B, K]
+
+
+@register_estimator("mt_grpo_k")
+def mt_grpo_k(
+    turn_rewards: Tensor,
+    outcome_rewards: Tensor,
+    turn_mask: Tensor,
+    group_ids: Tensor,
+    *,
+    turn_coef: float = 1.0,
+    outcome_coef: float = 1.0,
+    final_outcome_coef: float = 1.0,
+    gamma: float = 1.0,
+    eps: float = 1e-6,
+    scale_by_std: bool = True,
+) -> Tensor:
+    """MT-GRPO for K turns and a variable number of turns per episode.
+
+    Each turn index j gets its own group normalisation, and turn k is credited with the
+    discounted sum of the normalised rewards of itself and every later turn, plus the outcome::
+
+        n_{b,j}   = norm_g(r~_{·,j})_b          (per turn index j, over ALL episodes of g)
+        S_{b,k}   = sum_{j >= k} gamma^(j-k) * n_{b,j}
+        A_{b,k}   = c_T * S_{b,k} + w_{b,k} * norm_g(R^O)_b
+        w_{b,k}   = final_outcome_coef  if k is the last turn of an episode with >= 2 turns
+                    outcome_coef        otherwise (earlier turns, and single-turn episodes)
+
+    **Baseline (variable turn counts).** A turn that episode b never reached counts as reward
+    0 (``r~_{b,j} = 0``) and episode b stays in the normalisation set of turn index j. So the
+    statistics of index j are over all G episodes of the group, whatever their lengths, and
+    ``n_{b,j}`` is defined for every j, including turns b did not reach; those values enter
+    ``S`` of b's earlier turns. Why: the centred term is
+    ``r~_{b,j} - mean_g = (G-1)/G * (r~_{b,j} - mean_{g without b})`` and the leave-one-out
+    mean depends only on the *other* episodes, which are independent of b's actions, so
+    ``E[grad log pi(a_{b,k}) * baseline] = 0`` and, with ``scale_by_std=False``, the
+    expected update is exactly ``(G-1)/G`` times the policy gradient of
+    ``E[sum_j gamma^j r~_j + R^O]`` (reward-to-go form; a turn only credits its own and later
+    rewards). Normalising turn j only over the episodes that *reached* j instead makes the
+    baseline set depend on b's earlier actions (stopping vs. calling another tool): every
+    reacher's turn-j reward is centred among reachers, so the value of reaching turn j is
+    erased and stopping early is never penalised (cf. verl issue #7244). With
+    ``scale_by_std=True`` the std is a per-(group, turn) positive scale, the same
+    approximation GRPO itself makes. Unbiasedness also needs ``final_outcome_coef ==
+    outcome_coef`` (otherwise the outcome weight depends on the decision to stop, as in the
+    paper's own two-turn form); the defaults satisfy it.
+
+    Reductions (tested): with K = 2, a turn reward only on turn 0 (turn 1 rewards all 0), any
+    gamma, c_T, c_O, this equals :func:`mt_grpo` exactly (``n_{·,1} = 0`` so
+    ``S_{·,0} = n_{·,0} = norm_g(R^T)``; the last turn gets ``final_outcome_coef = 1`` times
+    ``norm_g(R^O)``). With ``turn_coef = 0`` and default outcome weights it equals
+    :func:`grpo_or` on every turn.
+
+    Args:
+        turn_rewards: float[B, K].
+        outcome_rewards: float[B].
+        turn_mask: bool[B, K].
+        group_ids: long[B].
+        turn_coef: c_T, weight of the discounted normalised turn rewards.
+        outcome_coef: weight of ``norm_g(R^O)`` on every turn except the final turn of a
+            multi-turn episode.
+        final_outcome_coef: weight of ``norm_g(R^O)`` on the final turn of a multi-turn
+            episode (1, as in the paper's two-turn form).
+        gamma: discount applied to later turns' normalised rewards.
+        eps, scale_by_std: see :func:`group_normalize`.
+
+    Returns:
+        float[B, K], 0 on absent turns.
+
+    Reference: generalises Zeng et al. 2025, arXiv 2505.11821 (MT-GRPO) to K turns.
+    """
+    mask = _check_inputs(turn_rewards, outcome_rewards, turn_mask, group_ids)
+    b, k = turn_rewards.shape
+    r = _masked(turn_rewards, mask)  # [B, K] unreached turns count as reward 0
+    k_idx = torch.arange(k, device=r.device)  # [K]
+    _, g_inv = torch.unique(group_ids, return_inverse=True)  # [B] contiguous group index
+    seg = g_inv[:, None] * k + k_idx[None, :]  # [B, K] one segment per (group, turn index)
+    n = _segment_normalize(r.reshape(-1), seg.reshape(-1), eps, scale_by_std).view(b, k)  # [B, K]
+    s = _discounted_suffix_sum(n, gamma)  # [B, K]
+    n_o = group_normalize(outcome_rewards, group_ids, eps, scale_by_std)  # [B]
+    w = torch.where(
+        _is_final_of_multi_turn(mask),
+        n_o.new_tensor(final_outcome_coef),
+        n_o.new_tensor(outcome_coef),
+    )  # [B, K]
+    adv = turn_coef * s + w * n_o[:, None]  # [B, K]
+    return _masked(adv, mask)  # [B, K]
+
+
+@register_estimator("gigpo")
+def gigpo(
+    turn_rewards: Tensor,
+    outcome_rewards: Tensor,
+    turn_mask: Tensor,
+    group_ids: Tensor,
+    *,
+    state_ids: Tensor | None = None,
+    gamma: float = 1.0,
+    step_coef: float = 1.0,
+    eps: float = 1e-6,
+    scale_by_std: bool = True,
+) -> Tensor:
+    """GiGPO-style two-level advantage: episode level plus step level over shared states.
+
+    The outcome is treated as a reward arriving with the episode's last turn, and the step
+    return is the discounted reward-to-go::
+
+        r'_{b,k}  = r~_{b,k} + [k == L_b] * R^O_b
+        G_{b,k}   = sum_{j >= k} gamma^(j-k) * r'_{b,j}
+        A^E_b     = norm_g(R^O)_b
+        A^S_{b,k} = (G_{b,k} - mean_{(g,s)}(G)) / (std_{(g,s)}(G) + eps)
+        A_{b,k}   = A^E_b + step_coef * A^S_{b,k}
+
+    where the step statistics run over the existing turns (b', k') of the same group whose
+    state id equals ``state_ids[b, k]`` (an "anchor state" set); a set with one member, or
+    whose returns are all equal, gives ``A^S = 0``. ``state_ids=None`` uses the turn index as
+    the state (all turn-k steps of a group share a baseline; note this is a baseline over the
+    episodes that reached turn k, which is GiGPO's anchor-state design, not ``mt_grpo_k``'s).
+
+    Args:
+        turn_rewards: float[B, K].
+        outcome_rewards: float[B].
+        turn_mask: bool[B, K].
+        group_ids: long[B].
+        state_ids: long[B, K] hash of the observation/state before turn k; equal ids within a
+            group mean the same state. Values on absent turns are ignored.
+        gamma: discount of the step return.
+        step_coef: weight (omega in the paper) of the step-level advantage.
+        eps, scale_by_std: see :func:`group_normalize` (std is unbiased, n - 1).
+
+    Returns:
+        float[B, K], 0 on absent turns.
+
+    Reference: Feng et al. 2025, "Group-in-Group Policy Optimization for LLM Agent Training",
+    arXiv 2505.10978.
+    """
+    mask = _check_inputs(turn_rewards, outcome_rewards, turn_mask, group_ids)
+    b, k = turn_rewards.shape
+    k_idx = torch.arange(k, device=turn_rewards.device)  # [K]
+    if state_ids is None:
+        states = k_idx[None, :].expand(b, k)  # [B, K]
+    else:
+        if state_ids.shape != (b, k):
+            raise ValueError(f"state_ids must be [B, K]={b, k}; got {tuple(state_ids.shape)}")
+        states = state_ids.long()  # [B, K]
+    last = (_num_turns(mask) - 1)[:, None] == k_idx[None, :]  # [B, K] (all False if no turns)
+    r = _masked(turn_rewards, mask) + torch.where(
+        last, outcome_rewards[:, None], torch.zeros_like(turn_rewards)
+    )  # [B, K]
+    returns = _discounted_suffix_sum(r, gamma)  # [B, K]
+    ep_adv = group_normalize(outcome_rewards, group_ids, eps, scale_by_std)  # [B]
+
+    step_adv = torch.zeros_like(returns)  # [B, K]
+    bi, ki = mask.nonzero(as_tuple=True)  # [N], [N] existing turns
+    if bi.numel() > 0:
+        keys = torch.stack([group_ids[bi].long(), states[bi, ki]], dim=1)  # [N, 2]
+        _, seg = torch.unique(keys, dim=0, return_inverse=True)  # [N]
+        step_adv[bi, ki] = _segment_normalize(returns[bi, ki], seg, eps, scale_by_std)  # [N]
+    adv = ep_adv[:, None] + step_coef * step_adv  # [B, K]
+    return _masked(adv, mask)  # [B, K]
+
+
+# --------------------------------------------------------------------------------------------
+# Per-turn -> per-token
+# --------------------------------------------------------------------------------------------
+
+
+def broadcast_to_tokens(
+    turn_advantages: Tensor, token_turn_index: Tensor, loss_mask: Tensor
+) -> Tensor:
+    """Give every loss token the advantage of the turn it belongs to.
+
+    ``out[b, t] = turn_advantages[b, token_turn_index[b, t]]`` where ``loss_mask[b, t] != 0``,
+    else 0. Prompt, observation (tool output) and padding tokens carry ``loss_mask == 0`` and
+    may have ``token_turn_index == -1``.
+
+    Args:
+        turn_advantages: float[B, K].
+        token_turn_index: long[B, T] turn of each token; any value where the mask is 0.
+        loss_mask: bool or float[B, T].
+
+    Returns:
+        float[B, T].
+
+    Raises:
+        ValueError: a loss token points outside [0, K).
+    """
+    b, k = turn_advantages.shape
+    if token_turn_index.dim() != 2 or token_turn_index.shape[0] != b:
+        raise ValueError(
+            f"token_turn_index must be [B={b}, T]; got {tuple(token_turn_index.shape)}"
+        )
+    if loss_mask.shape != token_turn_index.shape:
+        raise ValueError(
+            f"loss_mask {tuple(loss_mask.shape)} must match token_turn_index "
+            f"{tuple(token_turn_index.shape)}"
+        )
+    on = loss_mask != 0  # [B, T]
+    idx = token_turn_index.long()  # [B, T]
+    if bool((on & ((idx < 0) | (idx >= k))).any()):
+        raise ValueError(f"a loss token has a turn index outside [0, {k})")
+    safe = idx.clamp(0, max(k - 1, 0))  # [B, T]
+    if k == 0:
+        return turn_advantages.new_zeros(token_turn_index.shape)
+    vals = turn_advantages.gather(1, safe)  # [B, T]
+    return torch.where(on, vals, torch.zeros_like(vals))  # [B, T]

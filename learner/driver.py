@@ -1,0 +1,278 @@
+"""The training driver: MT-GRPO as a loop of named, timed phases.
+
+    for step in 1..N:
+        questions  <- next prompts_per_step training questions
+        rollout    <- G episodes per question through generators + env workers (rows -> replay queue)
+        batch      <- complete groups from the replay queue (policy-lag bound enforced)
+        update     <- learner: per-turn advantages, PPO-clip over action tokens, DeepSpeed step
+        sync       <- push versioned weights to the generators (every push_every steps)
+        log        <- metrics.jsonl + Prometheus /metrics + progress bar
+
+Evaluation of the starting and the trained policy on held-out questions brackets the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import socket
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from common import metrics as M
+from common.config import Config, save_config
+from env_workers.prepare import DataPaths, prepare_data
+from learner.evaluation import format_table, plot_learning_curves, summarize_episodes
+
+log = logging.getLogger(__name__)
+
+
+def make_run_dir(cfg: Config) -> Path:
+    if cfg.run.run_dir:
+        run_dir = Path(cfg.run.run_dir)
+    else:
+        run_dir = Path("runs") / f"{cfg.run.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    latest = run_dir.parent / "latest"
+    try:
+        if latest.is_symlink() or latest.exists():
+            latest.unlink()
+        latest.symlink_to(run_dir.resolve(), target_is_directory=True)
+    except OSError as e:  # e.g. a filesystem without symlinks
+        log.warning("could not point %s at the run: %s", latest, e)
+    return run_dir
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class QuestionSampler:
+    """Shuffled pass over the training questions, epoch after epoch; position is checkpointable."""
+
+    def __init__(self, questions: list[dict], seed: int):
+        self.questions = questions
+        self.seed = seed
+        self.epoch = 0
+        self.pos = 0
+        self._order = self._shuffle()
+
+    def _shuffle(self) -> list[int]:
+        order = list(range(len(self.questions)))
+        random.Random(self.seed + self.epoch).shuffle(order)
+        return order
+
+    def next(self, n: int) -> list[dict]:
+        out = []
+        while len(out) < n:
+            if self.pos >= len(self._order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._shuffle()
+            i = self._order[self.pos]
+            out.append({**self.questions[i], "prompt_id": i})
+            self.pos += 1
+        return out
+
+
+class Trainer:
+    """Owns the actors of one run; Ray plumbing stays in the actor classes and here."""
+
+    def __init__(self, cfg: Config, run_dir: Path, data: DataPaths):
+        import ray
+
+        from actors.engine import SamplingParams
+        from actors.generator import Generator, WeightStore
+        from actors.rollout import RolloutWorker
+        from common.replay_queue import ReplayQueue
+        from env_workers.demo_data import load_questions
+        from env_workers.env import DEFAULT_SYSTEM_PROMPT, SYSTEM_PROMPTS
+        from env_workers.rewards import RewardWeights
+        from env_workers.worker import EnvWorker
+        from learner.worker import LearnerWorker
+
+        self.cfg, self.run_dir = cfg, run_dir
+        self.SamplingParams = SamplingParams
+        model_path = str(Path(cfg.model.path).resolve())
+        self.train_questions = load_questions(data.train, max_hops=cfg.data.max_hops)
+        self.eval_questions = load_questions(data.eval, max_hops=cfg.data.max_hops)
+        rnd = random.Random(cfg.run.seed + 17)
+        rnd.shuffle(self.eval_questions)
+        self.eval_questions = self.eval_questions[: cfg.eval.num_questions]
+        self.sampler = QuestionSampler(self.train_questions, cfg.run.seed)
+
+        env_kwargs = {
+            "system_prompt": cfg.env.system_prompt or SYSTEM_PROMPTS.get(cfg.env.protocol, DEFAULT_SYSTEM_PROMPT),
+            "protocol": cfg.env.protocol, "max_turns": cfg.env.max_turns, "top_k": cfg.env.top_k,
+            "max_result_chars": cfg.env.max_result_chars, "answer_match": cfg.env.answer_match,
+            "weights": RewardWeights(**vars(cfg.env.rewards)),
+        }
+        g = cfg.generators
+        self.weight_store = ray.remote(WeightStore).options(num_cpus=0).remote()
+        self.generators = [
+            ray.remote(Generator).options(num_cpus=g.num_cpus, num_gpus=g.num_gpus, max_restarts=g.max_restarts,
+                                          max_task_retries=2).remote(
+                model_path, dtype=cfg.model.dtype, torch_threads=g.torch_threads, backend=g.backend,
+                weight_store=self.weight_store)
+            for _ in range(g.num)
+        ]
+        self.env_workers = [
+            ray.remote(EnvWorker).options(num_cpus=cfg.env.num_cpus, max_restarts=cfg.env.max_restarts).remote(
+                str(data.index_dir), env_kwargs)
+            for _ in range(cfg.env.num_workers)
+        ]
+        self.queue = ray.remote(ReplayQueue).options(num_cpus=0).remote(
+            cfg.queue.capacity_rows, cfg.queue.max_policy_lag)
+        self.rollout = ray.remote(RolloutWorker).options(num_cpus=0).remote(
+            model_path, self.generators, self.env_workers, self.queue, run_id=run_dir.name,
+            max_tokens_per_turn=cfg.generation.max_tokens_per_turn,
+            max_tokens_per_episode=cfg.generation.max_tokens_per_episode)
+        a, lc = cfg.algorithm, cfg.learner
+        port = _free_port()
+        self.learners = [
+            ray.remote(LearnerWorker).options(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus).remote(
+                model_path, learner={**vars(lc), "betas": list(lc.betas), "dtype": cfg.model.dtype},
+                algorithm=vars(a), temperature=cfg.generation.temperature,
+                batch_episodes=a.prompts_per_step * a.group_size, rank=r, world_size=lc.num_ranks,
+                master_port=port, seed=cfg.run.seed)
+            for r in range(lc.num_ranks)
+        ]
+        ray.get([x.ping.remote() for x in self.generators])
+        ray.get([x.get_version.remote() for x in self.learners])
+        self.version = 0
+        self.episode_counter = 0
+        self.group_counter = 0
+
+    # -- phases -----------------------------------------------------------------------------
+    def sampling(self, *, greedy: bool = False, seed: int | None = None):
+        gc = self.cfg.generation
+        return self.SamplingParams(temperature=gc.temperature, top_p=gc.top_p, top_k=gc.top_k,
+                                   max_new_tokens=gc.max_tokens_per_turn, greedy=greedy, stop=list(gc.stop),
+                                   seed=seed)
+
+    def rollout_phase(self, questions: list[dict], step: int) -> dict[str, Any]:
+        import ray
+
+        G = self.cfg.algorithm.group_size
+        result = ray.get(self.rollout.run.remote(
+            questions, group_size=G, first_group_id=self.group_counter, first_episode_id=self.episode_counter,
+            params=self.sampling(seed=self.cfg.run.seed * 1_000_003 + step)))
+        self.group_counter += len(questions)
+        self.episode_counter += len(questions) * G
+        return result
+
+    def update_phase(self, n_groups: int) -> dict[str, float]:
+        import ray
+
+        table = ray.get(self.queue.get.remote(n_groups, self.version))
+        if table is None:
+            raise RuntimeError("the replay queue released no complete group; see queue metrics")
+        stats = ray.get([lw.train_step.remote(table) for lw in self.learners])[0]
+        self.version = int(stats[M.POLICY_VERSION])
+        return stats
+
+    def sync_phase(self) -> float:
+        import ray
+
+        t0 = time.time()
+        refs = ray.get(self.learners[0].export_weights.remote(self.cfg.learner.bucket_mb * 2**20))
+        ray.get(self.weight_store.publish.remote(self.version, refs))
+        ray.get([g.update_weights.remote(self.version, refs) for g in self.generators])
+        return time.time() - t0
+
+    def evaluate(self, label: str, greedy: bool) -> dict[str, float]:
+        import ray
+
+        res = ray.get(self.rollout.run.remote(
+            self.eval_questions, group_size=1, first_group_id=-(10**9), first_episode_id=-(10**9),
+            params=self.sampling(greedy=greedy, seed=self.cfg.run.seed + 99), to_queue=False))
+        summary = summarize_episodes(res["episodes"])
+        log.info("eval %s: %s", label, {k: round(v, 3) for k, v in summary.items()})
+        return summary
+
+
+def rollout_metrics(result: dict[str, Any]) -> dict[str, float]:
+    eps = result["episodes"]
+    n = max(1, len(eps))
+    s = summarize_episodes(eps)
+    calls = sum(e.get("tool_calls", 0) for e in eps)
+    return {
+        M.REWARD_TURN: sum(e.get("turn_reward", 0.0) for e in eps) / n,
+        M.REWARD_OUTCOME: sum(e.get("outcome_reward", 0.0) for e in eps) / n,
+        M.REWARD_TOTAL: sum(e.get("turn_reward", 0.0) + e.get("outcome_reward", 0.0) for e in eps) / n,
+        M.TOOL_SUCCESS: sum(e.get("tool_successes", 0) for e in eps) / max(1, calls),
+        M.TOOL_CALLED: sum(1.0 for e in eps if e.get("tool_calls", 0) > 0) / n,
+        M.ANSWER_IN_RESULT: s["answer_in_result"], M.EXACT_MATCH: s["exact_match"], M.FORMAT_SCORE: s["format"],
+        M.TRUNCATED: s["truncated"], M.TURNS_MEAN: s["turns"],
+        M.ACTION_TOKENS_MEAN: sum(e.get("action_tokens", 0) for e in eps) / n,
+        M.TOKENS_PER_S: result["action_tokens"] / max(result["seconds"], 1e-9),
+        M.TIME_ROLLOUT: result["seconds"],
+    }
+
+
+def train(cfg: Config) -> Path:
+    """Run one training job end to end; return the run directory."""
+    import ray
+    from tqdm import tqdm
+
+    t_start = time.time()
+    data = prepare_data(cfg.data)  # fails before Ray starts on a bad corpus / question file
+    from common.modeling import check_model_dir
+
+    check_model_dir(cfg.model.path)
+    run_dir = make_run_dir(cfg)
+    save_config(cfg, run_dir / "config.yaml")
+    if not ray.is_initialized():
+        if cfg.ray.address:
+            ray.init(address=cfg.ray.address, log_to_driver=True)
+        else:
+            os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+            ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
+                     log_to_driver=True, runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ.get(
+                         "DS_ACCELERATOR", "cpu"), "TOKENIZERS_PARALLELISM": "false"}})
+    sink = M.MetricsSink(run_dir, enabled=cfg.metrics.enabled, host=cfg.metrics.host, port=cfg.metrics.port)
+    if sink.port is not None:
+        (run_dir / "metrics_endpoint.txt").write_text(f"http://{cfg.metrics.host}:{sink.port}/metrics\n")
+    try:
+        trainer = Trainer(cfg, run_dir, data)
+        results: dict[str, Any] = {}
+        if cfg.eval.before_training:
+            results["warm_start"] = trainer.evaluate("warm_start", greedy=False)
+            if cfg.eval.greedy:
+                results["warm_start_greedy"] = trainer.evaluate("warm_start_greedy", greedy=True)
+        a = cfg.algorithm
+        bar = tqdm(range(1, cfg.learner.total_steps + 1), desc="train", unit="step", dynamic_ncols=True)
+        for step in bar:
+            t0 = time.time()
+            questions = trainer.sampler.next(a.prompts_per_step)
+            rollout = trainer.rollout_phase(questions, step)
+            stats = rollout_metrics(rollout)
+            stats.update(trainer.update_phase(a.prompts_per_step))
+            stats[M.TIME_SYNC] = trainer.sync_phase() if step % cfg.learner.push_every == 0 else 0.0
+            stats.update(ray.get(trainer.queue.stats.remote()))
+            stats[M.EPISODES_TOTAL] = trainer.episode_counter
+            stats[M.TIME_STEP] = time.time() - t0
+            if step % cfg.metrics.log_every == 0 or step == cfg.learner.total_steps:
+                sink.log(step, stats)
+            bar.set_postfix(reward=f"{stats[M.REWARD_TOTAL]:.2f}", tool=f"{stats[M.TOOL_SUCCESS]:.2f}",
+                            air=f"{stats[M.ANSWER_IN_RESULT]:.2f}", em=f"{stats[M.EXACT_MATCH]:.2f}")
+        results["trained"] = trainer.evaluate("trained", greedy=False)
+        if cfg.eval.greedy:
+            results["trained_greedy"] = trainer.evaluate("trained_greedy", greedy=True)
+        ray.get(trainer.learners[0].save_pretrained.remote(str((run_dir / "policy").resolve())))
+        results["wall_time_s"] = time.time() - t_start
+        results["steps"] = cfg.learner.total_steps
+        (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
+        plot_learning_curves(run_dir / "metrics.jsonl", run_dir / "learning_curves.png")
+        table = format_table(results)
+        (run_dir / "eval_table.txt").write_text(table + "\n")
+        print(f"\nHeld-out evaluation ({len(trainer.eval_questions)} questions):\n{table}\n"
+              f"wall time {results['wall_time_s']:.0f} s; run directory: {run_dir}")
+    finally:
+        sink.close()
+    return run_dir

@@ -1,0 +1,77 @@
+"""Evaluation summaries, the eval table and the learning-curve plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+EVAL_KEYS = ("exact_match", "tool_success", "answer_in_result", "format", "turns", "truncated")
+
+
+def summarize_episodes(episodes: list[dict[str, Any]]) -> dict[str, float]:
+    """Fractions over episodes.
+
+    ``tool_success``: the episode called the tool at least once and every call executed.
+    ``answer_in_result``: some search result of the episode contained an answer alias.
+    ``exact_match``: the final answer matched an alias. ``format``: mean format reward.
+    """
+    n = max(1, len(episodes))
+    return {
+        "exact_match": sum(e.get("exact_match", 0.0) for e in episodes) / n,
+        "tool_success": sum(1.0 for e in episodes
+                            if e.get("tool_calls", 0) > 0 and e["tool_successes"] == e["tool_calls"]) / n,
+        "answer_in_result": sum(float(bool(e.get("answer_in_result"))) for e in episodes) / n,
+        "format": sum(e.get("format", 0.0) for e in episodes) / n,
+        "turns": sum(e.get("turns", 0) for e in episodes) / n,
+        "truncated": sum(float(bool(e.get("truncated"))) for e in episodes) / n,
+        "episodes": float(len(episodes)),
+    }
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    """A plain-text table, one row per evaluated policy."""
+    cols = ("exact_match", "tool_success", "answer_in_result", "format")
+    header = f"{'policy':<20}" + "".join(f"{c:>18}" for c in cols)
+    lines = [header, "-" * len(header)]
+    for name, r in results.items():
+        if not isinstance(r, dict):
+            continue
+        lines.append(f"{name:<20}" + "".join(f"{r.get(c, float('nan')):>18.3f}" for c in cols))
+    return "\n".join(lines)
+
+
+def plot_learning_curves(metrics_path: str | Path, out_path: str | Path,
+                         keys: tuple[str, ...] | None = None) -> Path | None:
+    """PNG of reward components and rates against training step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common import metrics as M
+
+    keys = keys or (M.REWARD_TOTAL, M.ANSWER_IN_RESULT, M.EXACT_MATCH, M.TOOL_SUCCESS)
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if M.REWARD_TOTAL in r]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    for ax, key in zip(axes, keys):
+        xs = [r["step"] for r in rows if key in r]
+        ys = [r[key] for r in rows if key in r]
+        ax.plot(xs, ys, lw=1, alpha=0.4)
+        if len(ys) >= 5:  # moving average
+            w = 5
+            sm = [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
+            ax.plot(xs, sm, lw=2)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return Path(out_path)
