@@ -74,6 +74,10 @@ class HFEngine:
         self.version = 0
         self.eos_ids = {i for i in [tokenizer.eos_token_id] if i is not None}
         self._stop_cache: dict[tuple[str, ...], tuple[set[int], list[str]]] = {}
+        # transformers 5 renamed `past_key_values` to `cache`; support both
+        import inspect
+
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     def _stops(self, stop: list[str]) -> tuple[set[int], list[str]]:
         """Split stop strings into single-token ids (fast path) and multi-token strings."""
@@ -120,7 +124,7 @@ class HFEngine:
         active = torch.tensor([c > 0 for c in caps], device=self.device)
         cap_t = torch.tensor(caps, device=self.device)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1, :]
+        cache, logits = self._cache_of(out), out.logits[:, -1, :]
         next_pos = pos[:, -1:] + 1
         step = 0
         while bool(active.any()):
@@ -140,10 +144,15 @@ class HFEngine:
                 break
             mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=self.device)], dim=-1)
             out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
-                             past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1, :]
+                             use_cache=True, **{self._cache_kw: cache})
+            cache, logits = self._cache_of(out), out.logits[:, -1, :]
             next_pos = next_pos + 1
         return [GenerationOutput(out_ids[i], out_lp[i], reasons[i], self.version) for i in range(b)]
+
+    @staticmethod
+    def _cache_of(out):
+        cache = out.get("cache") if hasattr(out, "get") else None
+        return cache if cache is not None else out.past_key_values
 
     def _hit_string(self, ids: list[int], stops: list[str]) -> bool:
         tail = self.tokenizer.decode(ids[-8:], skip_special_tokens=False)

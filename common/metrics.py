@@ -52,6 +52,23 @@ QUEUE_GET_ROWS = "queue/get/rows_total"
 QUEUE_DROPPED_STALE = "queue/dropped_stale/groups_total"
 POLICY_LAG_MEAN = "queue/policy_lag/mean"
 POLICY_LAG_MAX = "queue/policy_lag/max"
+QUEUE_GROUPS_IN_FLIGHT = "queue/depth/groups_in_flight"
+QUEUE_SPILLED_BYTES = "queue/depth/spilled_bytes"
+QUEUE_PUT_RATE = "queue/put/rows_per_s"
+QUEUE_GET_RATE = "queue/get/rows_per_s"
+QUEUE_GET_GROUPS = "queue/get/groups_total"
+QUEUE_DROPPED_STALE_ROWS = "queue/dropped_stale/rows_total"
+QUEUE_REWEIGHTED_STALE = "queue/reweighted_stale/groups_total"
+QUEUE_DROPPED_DUPLICATE = "queue/dropped_duplicate/rows_total"
+QUEUE_DROPPED_LATE = "queue/dropped_late/rows_total"
+QUEUE_ABORTED_GROUPS = "queue/aborted/groups_total"
+QUEUE_ABORTED_ROWS = "queue/aborted/rows_total"
+QUEUE_SPILLED_TOTAL = "queue/spill/bytes_total"
+POLICY_LAG_RELEASED_MAX = "queue/policy_lag/released_max"
+QUEUE_PRODUCER_WAIT = "queue/producer_wait/seconds_total"
+QUEUE_PRODUCER_BLOCKED = "queue/producer_wait/puts_total"
+QUEUE_LEARNER_WAIT = "queue/learner_wait/seconds_total"
+QUEUE_LEARNER_IDLE = "queue/learner_wait/idle_frac"
 # --- performance -------------------------------------------------------------------
 TOKENS_PER_S = "perf/tokens_per_s"
 TIME_ROLLOUT = "perf/time/rollout_s"
@@ -89,6 +106,23 @@ METRICS: dict[str, str] = {
     QUEUE_DROPPED_STALE: "Groups dropped for exceeding the policy-lag bound",
     POLICY_LAG_MEAN: "Mean policy lag (versions) of turns handed to the learner",
     POLICY_LAG_MAX: "Max policy lag (versions) of turns handed to the learner",
+    QUEUE_GROUPS_IN_FLIGHT: "Incomplete groups held in the replay queue (episodes still running)",
+    QUEUE_SPILLED_BYTES: "Bytes of the replay queue spilled to Arrow IPC files on local disk",
+    QUEUE_PUT_RATE: "Turns put into the replay queue per second (last 30 s)",
+    QUEUE_GET_RATE: "Turns handed to the learner per second (last 30 s)",
+    QUEUE_GET_GROUPS: "Complete groups handed to the learner",
+    QUEUE_DROPPED_STALE_ROWS: "Turns dropped for exceeding the policy-lag bound",
+    QUEUE_REWEIGHTED_STALE: "Groups beyond the policy-lag bound released with a staleness weight < 1",
+    QUEUE_DROPPED_DUPLICATE: "Turns dropped because the same (episode, turn) was already held",
+    QUEUE_DROPPED_LATE: "Turns dropped because their group was already released, dropped or aborted",
+    QUEUE_ABORTED_GROUPS: "Groups aborted (partial rollouts discarded)",
+    QUEUE_ABORTED_ROWS: "Turns discarded with aborted groups",
+    QUEUE_SPILLED_TOTAL: "Bytes written to spill files so far",
+    POLICY_LAG_RELEASED_MAX: "Largest group policy lag ever handed to the learner (<= max_policy_lag in drop mode)",
+    QUEUE_PRODUCER_WAIT: "Seconds producers spent blocked on a full replay queue",
+    QUEUE_PRODUCER_BLOCKED: "Puts that had to wait for room in the replay queue",
+    QUEUE_LEARNER_WAIT: "Seconds the learner spent blocked in get waiting for complete groups",
+    QUEUE_LEARNER_IDLE: "Fraction of wall time since the first get spent blocked in get",
     TOKENS_PER_S: "Action tokens generated per second during rollout",
     TIME_ROLLOUT: "Seconds spent generating the step's episodes",
     TIME_ADVANTAGE: "Seconds spent computing advantages",

@@ -244,16 +244,27 @@ def generate_demo_data(
 
 
 def load_questions(
-    path: str | Path, *, max_hops: int | None = None, limit: int | None = None
+    path: str | Path, *, max_hops: int | None = None, limit: int | None = None, layout: str = "auto"
 ) -> list[dict[str, Any]]:
     """Read question rows from a local Parquet or JSONL file.
 
-    Requires columns ``question`` and ``answers`` (a string ``answers`` becomes a one-item
-    list); rows with ``hops`` above ``max_hops`` are dropped (missing ``hops`` counts as 1);
-    at most ``limit`` rows are returned. Raises ``FileNotFoundError``/``ValueError`` naming
-    the file and the expected columns.
+    ``layout`` is ``"turnrl"`` (this project's rows), ``"triviaqa"``, ``"nq_open"``,
+    ``"hotpotqa"`` (read through ``datasets``, see :mod:`env_workers.questions`) or
+    ``"auto"`` (detected from the first record). Every row has ``question`` and ``answers``
+    (a list of aliases). For ``turnrl`` files, columns ``question`` and ``answers`` are
+    required (a string ``answers`` becomes a one-item list). Rows with ``hops`` above
+    ``max_hops`` are dropped (missing ``hops`` counts as 1); at most ``limit`` rows are
+    returned. Raises ``FileNotFoundError``/``ValueError`` naming the file and what was expected.
     """
+    from env_workers.questions import QUESTION_LAYOUTS, detect_question_layout, load_external_questions
+
     p = Path(path)
+    if layout == "auto":
+        layout = detect_question_layout(p)
+    if layout not in QUESTION_LAYOUTS:
+        raise ValueError(f"unknown question layout {layout!r}; expected 'auto' or one of {list(QUESTION_LAYOUTS)}")
+    if layout != "turnrl":
+        return load_external_questions(p, layout, max_hops=max_hops, limit=limit)
     records = read_records(p)
     found = list(dict.fromkeys(k for r in records for k in r))
     missing = [c for c in ("question", "answers") if c not in found]

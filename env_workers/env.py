@@ -68,8 +68,12 @@ class StepResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def error_step_result(message: str) -> StepResult:
-    """A terminal StepResult for a step that could not run (unknown episode, ...)."""
+def error_step_result(message: str, code: str = "error") -> StepResult:
+    """A terminal StepResult for a step that could not run (unknown episode, ...).
+
+    ``info["error_code"]`` says why in a machine-readable way (``"unknown_episode"``,
+    ``"duplicate_id"``, ...).
+    """
     return StepResult(
         observation_text="",
         turn_reward=zero_turn_reward(),
@@ -78,7 +82,7 @@ def error_step_result(message: str) -> StepResult:
         info={
             "tool_called": False, "tool_success": False, "result_contains_answer": False,
             "truncated": False, "query": None, "answer": None, "error": message,
-            "turn_index": -1, "action_kind": "none",
+            "turn_index": -1, "action_kind": "none", "error_code": code,
         },
     )
 
@@ -126,6 +130,21 @@ class WikiSearchEnv:
     def turn_index(self) -> int:
         """Number of actions taken so far."""
         return len(self._turns)
+
+    @property
+    def question(self) -> str:
+        """The question of the current episode (``""`` before :meth:`reset`)."""
+        return self._example.get("question", "") if self._example else ""
+
+    @property
+    def answers(self) -> list[str]:
+        """The answer aliases of the current episode."""
+        return list(self._answers)
+
+    @property
+    def last_action(self) -> str:
+        """The latest action text (``""`` before the first step)."""
+        return self._turns[-1] if self._turns else ""
 
     def reset(self, example: dict[str, Any]) -> list[dict[str, str]]:
         """Start an episode for ``example`` (needs ``question`` and ``answers`` or ``answer``)."""

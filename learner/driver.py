@@ -265,6 +265,14 @@ def train(cfg: Config) -> Path:
         if cfg.eval.greedy:
             results["trained_greedy"] = trainer.evaluate("trained_greedy", greedy=True)
         ray.get(trainer.learners[0].save_pretrained.remote(str((run_dir / "policy").resolve())))
+        summary = {
+            "generator_versions": ray.get([g.version.remote() for g in trainer.generators]),
+            "learner_version": trainer.version,
+            "queue": ray.get(trainer.queue.stats.remote()),
+            "episodes_trained": trainer.episode_counter,
+            "metrics_endpoint": f"http://{cfg.metrics.host}:{sink.port}/metrics" if sink.port else None,
+        }
+        (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=2))
         results["wall_time_s"] = time.time() - t_start
         results["steps"] = cfg.learner.total_steps
         (run_dir / "eval.json").write_text(json.dumps(results, indent=2))

@@ -138,19 +138,31 @@ class LearnerWorker:
                 stats[M.ADV_TURN_STD.format(k=k)] = float(vals.std(unbiased=False))
         return stats
 
-    def _micro_step(self, mb: EpisodeBatch, adv: torch.Tensor, norm_tokens: float) -> dict[str, float]:
+    def _action_logits(self, mb: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits only where the next token is an action token (the LM head dominates small models).
+
+        Returns (logits float[N, V], labels long[N], mask bool[b, T-1]) with N = mask.sum().
+        """
         device = self.engine.device
-        ids = mb.input_ids.to(device)
-        out = self.engine(input_ids=ids, attention_mask=mb.attention_mask.to(device))
-        logits = out.logits[:, :-1, :]  # [b, T-1, V] predicts tokens 1..T-1
-        labels = ids[:, 1:]  # [b, T-1]
-        mask = mb.action_mask[:, 1:].to(device)  # [b, T-1]
-        logp = token_logprobs(logits, labels, self.temperature)  # [b, T-1]
-        old = mb.behaviour_logprobs[:, 1:].to(device)
-        ent = entropy_from_logits(logits.detach() / self.temperature) if self.acfg["entropy_coef"] == 0 else \
-            entropy_from_logits(logits / self.temperature)
+        ids = mb.input_ids.to(device)  # [b, T]
+        mask = mb.action_mask[:, 1:].to(device) > 0  # [b, T-1] position t predicts token t+1
+        module = self.engine.module
+        hidden = module.get_decoder()(input_ids=ids, attention_mask=mb.attention_mask.to(device)).last_hidden_state
+        logits = module.get_output_embeddings()(hidden[:, :-1][mask])  # [N, V]
+        return logits, ids[:, 1:][mask], mask
+
+    def _micro_step(self, mb: EpisodeBatch, adv: torch.Tensor, norm_tokens: float) -> dict[str, float]:
+        logits, labels, mask = self._action_logits(mb)
+        scaled = logits / self.temperature  # [N, V]
+        lp_sel = token_logprobs(scaled[None], labels[None])[0]  # [N]
+        logp = torch.zeros(mask.shape, dtype=lp_sel.dtype, device=lp_sel.device).masked_scatter(mask, lp_sel)
+        old = mb.behaviour_logprobs[:, 1:].to(logp.device)  # [b, T-1]
+        use_ent = self.acfg["entropy_coef"] != 0
+        ent_sel = entropy_from_logits((scaled if use_ent else scaled.detach())[None])[0]  # [N]
+        ent = torch.zeros(mask.shape, dtype=ent_sel.dtype, device=ent_sel.device).masked_scatter(mask, ent_sel)
+        fmask = mask.float()
         loss, diag = policy_loss(
-            logp, old, adv[:, 1:].to(device), mask, entropy=ent if self.acfg["entropy_coef"] else None,
+            logp, old, adv[:, 1:].to(logp.device), fmask, entropy=ent if use_ent else None,
             entropy_coef=self.acfg["entropy_coef"], clip_low=self.acfg["clip_low"],
             clip_high=self.acfg["clip_high"], agg_mode=self.acfg["loss_agg"], norm_tokens=norm_tokens,
             num_seqs=self._num_seqs, max_len=self._max_len)
@@ -158,7 +170,7 @@ class LearnerWorker:
         self.engine.step()
         d = {k: float(v) for k, v in diag.items() if torch.is_tensor(v) and v.numel() == 1}
         d["loss"] = float(loss.detach())
-        d["entropy"] = float((ent.detach() * mask).sum() / mask.sum().clamp(min=1))
+        d["entropy"] = float(ent_sel.detach().mean()) if ent_sel.numel() else 0.0
         return d
 
     # -- weights --------------------------------------------------------------------------

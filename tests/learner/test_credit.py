@@ -349,7 +349,6 @@ def test_registry_and_validation() -> None:
 
 def _reached_only_mt_grpo_k(tr, ro, mask, ids):
     """The flawed variant: normalise turn j only over episodes that reached turn j."""
-    adv = torch.zeros_like(tr)
     n = torch.zeros_like(tr)
     for g in ids.unique():
         rows = ids == g

@@ -1,0 +1,37 @@
+# The two commands: `make train` and `make test`. Each creates .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export DS_ACCELERATOR ?= cpu
+export TOKENIZERS_PARALLELISM ?= false
+export RAY_DEDUP_LOGS ?= 1
+
+.PHONY: install train test test-slow bench warmstart clean
+
+$(STAMP): pyproject.toml requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: install  ## train the demo agent with MT-GRPO (embedded default config)
+	$(VENV)/bin/turnrl train --config deploy/configs/local.yaml
+
+test: install  ## fast CPU test suite
+	$(PY) -m pytest -q
+
+test-slow: install  ## slow tests (soak, long training)
+	$(PY) -m pytest -q -m slow
+
+bench: install  ## speed measurements; each script ends with `NAME ratio: X`
+	@for f in tests/benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+warmstart: install  ## regenerate deploy/warmstart deterministically (about 20 min on 2 cores)
+	$(VENV)/bin/turnrl warmstart --config deploy/configs/local.yaml
+
+clean:
+	rm -rf runs data
