@@ -5,6 +5,25 @@ For each turn it asks the generators for the next action of every live episode
 actions to the env workers (batched BM25 search, rewards), appends the env reply
 as observation tokens rendered by the model's chat template, and sends the
 finished turns to the replay queue as a RecordBatch.
+
+Two ways to ask the generators (``session_kv``):
+
+* ``True`` (default): one session per episode (:meth:`Generator.generate_turns` through a
+  :class:`actors.pool.GeneratorPool`): the generator keeps the episode's KV cache
+  between turns and prefills only the new tokens; episodes stick to one generator,
+  new ones go to the least-loaded; a generator that dies is waited for and the
+  turn replayed from the token history kept here. Seeds are per (run seed,
+  episode, turn), so sampled episodes do not depend on how they were batched.
+* ``False``: the original stateless path (:meth:`Generator.generate`): the whole
+  history is re-sent and re-prefilled every turn, split in contiguous chunks.
+
+``streaming`` (needs ``session_kv``): instead of turn-synchronous rounds, each episode's
+next turn is queued on its generator (``Generator.submit``) as soon as its env step
+returns and joins the running batch there (``Generator.poll``), so generation of some
+episodes overlaps the env steps of others and no turn waits for the slowest episode.
+
+Greedy decoding gives the same tokens on all three; seeded sampling gives the same tokens
+with and without streaming (tests/actors/test_generators.py).
 """
 
 from __future__ import annotations
@@ -17,7 +36,8 @@ from typing import Any
 
 import ray
 
-from actors.engine import SamplingParams
+from actors.engine import Request, SamplingParams
+from actors.pool import GeneratorPool
 from common import schema as S
 from common.modeling import load_tokenizer, observation_glue
 
@@ -51,7 +71,8 @@ class RolloutWorker:
     """Plain class; the driver wraps it with ``ray.remote``."""
 
     def __init__(self, model_path: str, generators: list, env_workers: list, queue=None, *,
-                 run_id: str = "run", max_tokens_per_turn: int = 64, max_tokens_per_episode: int = 512):
+                 run_id: str = "run", max_tokens_per_turn: int = 64, max_tokens_per_episode: int = 512,
+                 session_kv: bool = True, streaming: bool = False):
         self.tokenizer = load_tokenizer(model_path)
         self.generators = generators
         self.env_workers = env_workers
@@ -60,6 +81,11 @@ class RolloutWorker:
         self.max_tokens_per_turn = max_tokens_per_turn
         self.max_tokens_per_episode = max_tokens_per_episode
         self._next_gen = 0
+        if streaming and not session_kv:
+            raise ValueError("streaming rollouts need session_kv=True")
+        self.session_kv, self.streaming = session_kv, streaming
+        self.pool = GeneratorPool(generators) if session_kv else None
+        self._runs = 0
 
     def run(self, examples: list[dict], *, group_size: int, first_group_id: int, first_episode_id: int,
             params: SamplingParams, to_queue: bool = True) -> dict[str, Any]:
@@ -72,17 +98,24 @@ class RolloutWorker:
                 episodes.append(_Episode(eid, first_group_id + q, int(ex.get("prompt_id", first_group_id + q)),
                                          group_size, ex, eid % len(self.env_workers)))
         self._reset(episodes)
+        self._runs += 1
+        self._session_prefix = f"{self.run_id}/{self._runs}/{stable_hash(time.time_ns()) & 0xFFFFFFFF:08x}"
         rows_sent, action_tokens, call = 0, 0, 0
-        while True:
-            live = [e for e in episodes if not e.done]
-            if not live:
-                break
-            call += 1
-            rows = self._turn(live, params, call)
-            action_tokens += sum(len(r[S.ACTION_TOKEN_IDS]) for r in rows)
-            if to_queue and rows and self.queue is not None:
-                ray.get(self.queue.put.remote(S.transitions_to_batch(rows)))
-                rows_sent += len(rows)
+        if self.streaming:
+            rows_sent, action_tokens = self._run_streaming(episodes, params, to_queue)
+        else:
+            while True:
+                live = [e for e in episodes if not e.done]
+                if not live:
+                    break
+                call += 1
+                rows = self._turn(live, params, call)
+                action_tokens += sum(len(r[S.ACTION_TOKEN_IDS]) for r in rows)
+                if to_queue and rows and self.queue is not None:
+                    ray.get(self.queue.put.remote(S.transitions_to_batch(rows)))
+                    rows_sent += len(rows)
+        if self.pool is not None:
+            self.pool.flush_releases()
         elapsed = time.time() - t0
         return {
             "episodes": [e.summary for e in episodes],
@@ -108,55 +141,146 @@ class RolloutWorker:
 
     def _turn(self, live: list[_Episode], params: SamplingParams, call: int) -> list[dict]:
         t_start = time.time()
-        caps = [max(1, min(self.max_tokens_per_turn, self.max_tokens_per_episode - len(e.tokens))) for e in live]
-        outputs = self._generate([e.tokens for e in live], params, caps, call)
+        caps = [self._cap(e) for e in live]
+        if self.pool is not None:
+            outputs = self._generate_sessions(live, params, caps)
+        else:
+            outputs = self._generate([e.tokens for e in live], params, caps, call)
         actions = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outputs]
         results = self._env_step(live, actions)
         t_end = time.time()
-        rows = []
-        eos = self.tokenizer.eos_token_id
-        for e, out, action, res in zip(live, outputs, actions, results):
-            info = res.info or {}
-            out_of_budget = len(e.tokens) + len(out.token_ids) >= self.max_tokens_per_episode
-            done = bool(res.done) or out_of_budget
-            truncated = bool(info.get("truncated", False)) or (out_of_budget and not res.done)
-            obs_ids: list[int] = []
-            if not done:
-                glue = observation_glue(self.tokenizer, e.messages, action, res.observation_text,
-                                        bool(out.token_ids) and out.token_ids[-1] == eos)
-                obs_ids = self.tokenizer.encode(glue, add_special_tokens=False)
-            outcome = (res.outcome_reward or {}) if res.done else {}
-            turn_components = {k: float(v) for k, v in (res.turn_reward or {}).items()}
-            rows.append({
-                S.RUN_ID: self.run_id, S.GROUP_ID: e.group_id, S.EPISODE_ID: e.episode_id,
-                S.PROMPT_ID: e.prompt_id, S.TURN_INDEX: e.turn, S.POLICY_VERSION: out.version,
-                S.CONTEXT_TOKEN_IDS: e.context if e.turn == 0 else [],
-                S.ACTION_TOKEN_IDS: out.token_ids, S.ACTION_LOGPROBS: out.logprobs,
-                S.OBSERVATION_TOKEN_IDS: obs_ids, S.STATE_HASH: e.state_hash,
-                S.TURN_REWARD: sum(turn_components.values()), S.TURN_REWARD_COMPONENTS: turn_components,
-                S.IS_LAST_TURN: done, S.OUTCOME_REWARD: sum((outcome or {}).values()),
-                S.OUTCOME_REWARD_COMPONENTS: {k: float(v) for k, v in (outcome or {}).items()},
-                S.TRUNCATED: truncated, S.TOOL_CALLED: bool(info.get("tool_called", False)),
-                S.TOOL_SUCCESS: bool(info.get("tool_success", False)),
-                S.RESULT_CONTAINS_ANSWER: bool(info.get("result_contains_answer", False)),
-                S.GROUP_SIZE: e.group_size, S.T_START: t_start, S.T_END: t_end,
-            })
-            self._summarise(e, rows[-1], action, info)
-            if done:
-                e.done = True
-            else:
-                e.tokens += out.token_ids + obs_ids
-                e.messages = e.messages + [{"role": "assistant", "content": action},
-                                           {"role": "user", "content": res.observation_text}]
-                e.state_hash = stable_hash(res.observation_text)
-                e.turn += 1
+        rows = [self._close_turn(e, out, action, res, t_start, t_end)
+                for e, out, action, res in zip(live, outputs, actions, results)]
         done_ids: dict[int, list[int]] = {}
         for e in live:
             if e.done:
                 done_ids.setdefault(e.env_index, []).append(str(e.episode_id))
         for i, ids in done_ids.items():
             self.env_workers[i].close.remote(ids)
+        if self.pool is not None:
+            self.pool.release([self._session_id(e) for e in live if e.done])
         return rows
+
+    def _close_turn(self, e: _Episode, out, action: str, res, t_start: float, t_end: float) -> dict:
+        """The Arrow row of a finished turn; advances the episode (or marks it done)."""
+        eos = self.tokenizer.eos_token_id
+        info = res.info or {}
+        out_of_budget = len(e.tokens) + len(out.token_ids) >= self.max_tokens_per_episode
+        done = bool(res.done) or out_of_budget
+        truncated = bool(info.get("truncated", False)) or (out_of_budget and not res.done)
+        obs_ids: list[int] = []
+        if not done:
+            glue = observation_glue(self.tokenizer, e.messages, action, res.observation_text,
+                                    bool(out.token_ids) and out.token_ids[-1] == eos)
+            obs_ids = self.tokenizer.encode(glue, add_special_tokens=False)
+        outcome = (res.outcome_reward or {}) if res.done else {}
+        turn_components = {k: float(v) for k, v in (res.turn_reward or {}).items()}
+        row = {
+            S.RUN_ID: self.run_id, S.GROUP_ID: e.group_id, S.EPISODE_ID: e.episode_id,
+            S.PROMPT_ID: e.prompt_id, S.TURN_INDEX: e.turn, S.POLICY_VERSION: out.version,
+            S.CONTEXT_TOKEN_IDS: e.context if e.turn == 0 else [],
+            S.ACTION_TOKEN_IDS: out.token_ids, S.ACTION_LOGPROBS: out.logprobs,
+            S.OBSERVATION_TOKEN_IDS: obs_ids, S.STATE_HASH: e.state_hash,
+            S.TURN_REWARD: sum(turn_components.values()), S.TURN_REWARD_COMPONENTS: turn_components,
+            S.IS_LAST_TURN: done, S.OUTCOME_REWARD: sum((outcome or {}).values()),
+            S.OUTCOME_REWARD_COMPONENTS: {k: float(v) for k, v in (outcome or {}).items()},
+            S.TRUNCATED: truncated, S.TOOL_CALLED: bool(info.get("tool_called", False)),
+            S.TOOL_SUCCESS: bool(info.get("tool_success", False)),
+            S.RESULT_CONTAINS_ANSWER: bool(info.get("result_contains_answer", False)),
+            S.GROUP_SIZE: e.group_size, S.T_START: t_start, S.T_END: t_end,
+        }
+        self._summarise(e, row, action, info)
+        if done:
+            e.done = True
+        else:
+            e.tokens += out.token_ids + obs_ids
+            e.messages = e.messages + [{"role": "assistant", "content": action},
+                                       {"role": "user", "content": res.observation_text}]
+            e.state_hash = stable_hash(res.observation_text)
+            e.turn += 1
+        return row
+
+    def _session_id(self, e: _Episode) -> str:
+        return f"{self._session_prefix}/{e.episode_id}"
+
+    def _request(self, e: _Episode, params: SamplingParams, cap: int) -> Request:
+        seed = None if params.seed is None else stable_hash((params.seed, e.episode_id, e.turn))
+        return Request(self._session_id(e), list(e.tokens), params, max_new_tokens=cap, seed=seed,
+                       request_id=f"{self._session_id(e)}#{e.turn}")
+
+    def _cap(self, e: _Episode) -> int:
+        return max(1, min(self.max_tokens_per_turn, self.max_tokens_per_episode - len(e.tokens)))
+
+    def _generate_sessions(self, live: list[_Episode], params: SamplingParams, caps: list[int]):
+        """One request per live episode; its generator reuses the episode's KV cache."""
+        return self.pool.generate_turns([self._request(e, params, cap) for e, cap in zip(live, caps)])
+
+    def _run_streaming(self, episodes: list[_Episode], params: SamplingParams, to_queue: bool) -> tuple[int, int]:
+        """Continuous batching across turns: an episode's next turn is queued on its generator as
+        soon as its env step returns, and joins the running batch there; turns of other episodes
+        keep decoding meanwhile. Rows go to the queue in batches. Returns (rows sent, action tokens)."""
+        pool = self.pool
+        by_request: dict[str, _Episode] = {}
+        t_submit: dict[int, float] = {}
+
+        def submit(eps: list[_Episode]) -> None:
+            reqs = []
+            for e in eps:
+                r = self._request(e, params, self._cap(e))
+                by_request[r.request_id] = e
+                t_submit[e.episode_id] = time.time()
+                reqs.append(r)
+            pool.submit(reqs)
+
+        submit(episodes)
+        polls: dict[Any, int] = {}  # poll ref -> generator
+        envs: dict[Any, list] = {}  # env ref -> [(episode, output, action)]
+        pending_rows: list[dict] = []
+        rows_sent = action_tokens = 0
+        flush_at = max(8, len(episodes) // 4)
+        remaining = len(episodes)
+        while remaining:
+            for g in pool.busy():
+                if g not in polls.values():
+                    polls[pool.poll(g)] = g
+            if not polls and not envs:
+                raise RuntimeError("streaming rollout stalled: no generator or env work in flight")
+            ready, _ = ray.wait(list(polls) + list(envs), num_returns=1)
+            for ref in ready:
+                if ref in polls:
+                    g = polls.pop(ref)
+                    outs = pool.collect(g, ref)
+                    by_env: dict[int, list] = {}
+                    for o in outs:
+                        e = by_request.pop(o.request_id)
+                        action = self.tokenizer.decode(o.token_ids, skip_special_tokens=True)
+                        by_env.setdefault(e.env_index, []).append((e, o, action))
+                    for i, items in by_env.items():
+                        ids = [str(e.episode_id) for e, _, _ in items]
+                        envs[self.env_workers[i].step.remote(ids, [a for _, _, a in items])] = items
+                else:
+                    items = envs.pop(ref)
+                    t_end = time.time()
+                    nxt, ended = [], []
+                    for (e, o, action), res in zip(items, ray.get(ref)):
+                        row = self._close_turn(e, o, action, res, t_submit[e.episode_id], t_end)
+                        pending_rows.append(row)
+                        action_tokens += len(o.token_ids)
+                        (ended if e.done else nxt).append(e)
+                    if ended:
+                        remaining -= len(ended)
+                        by_env_done: dict[int, list[str]] = {}
+                        for e in ended:
+                            by_env_done.setdefault(e.env_index, []).append(str(e.episode_id))
+                        for i, ids in by_env_done.items():
+                            self.env_workers[i].close.remote(ids)
+                        pool.release([self._session_id(e) for e in ended])
+                    submit(nxt)
+            if to_queue and self.queue is not None and pending_rows and (len(pending_rows) >= flush_at or not remaining):
+                ray.get(self.queue.put.remote(S.transitions_to_batch(pending_rows)))
+                rows_sent += len(pending_rows)
+                pending_rows = []
+        return rows_sent, action_tokens
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams, caps: list[int], call: int):
         """Spread the batch over the generators in contiguous, balanced chunks."""

@@ -27,7 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     p_warm.add_argument("--config", required=True, help="YAML config file (data + model sections)")
     p_warm.add_argument("--out", default=None, help="output directory (default: model.path)")
     p_warm.add_argument("overrides", nargs="*", help="dotted overrides")
+    from env_workers.cli import add_index_arguments, run_index
+
+    add_index_arguments(sub.add_parser("index", help="build a BM25 index from a Wikipedia dump"))
     args = parser.parse_args(argv)
+    if args.command == "index":
+        _setup_logging()
+        return run_index(args)
 
     try:
         cfg = load_config(args.config, args.overrides)

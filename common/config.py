@@ -106,11 +106,25 @@ class GeneratorsConfig:
     num_cpus: float = 1.0  # Ray CPUs reserved per generator actor
     num_gpus: float = 0.0  # Ray GPUs per generator actor
     torch_threads: int = 2  # intra-op threads per generator actor
-    max_restarts: int = 3  # Ray restarts of a dead generator
+    max_restarts: int = 3  # Ray restarts of a dead generator (it reloads the latest weights before serving)
+    session_kv: bool = True  # keep each episode's KV cache on its generator between turns (False: re-prefill the history every turn)
+    streaming: bool = False  # rollout: an episode's next turn joins the running batch as soon as its env step returns (needs session_kv)
+    kv_budget_tokens: int = 262144  # hf: KV tokens a generator may hold (running turns' reservations + idle sessions; idle ones are evicted, then re-prefilled)
+    max_prefill_tokens: int = 8192  # hf: padded tokens per prefill forward (bounds activation memory)
+    keep_kv_across_versions: bool = False  # hf: reuse KV computed by older weights after an update (faster, slightly off-policy)
+    vllm_gpu_memory_utilization: float = 0.5  # vllm: fraction of the GPU for weights + KV cache (the learner may share the GPU)
 
     def validate(self, p: str) -> None:
         if self.num < 1:
             _fail(f"{p}.num", self.num, "must be >= 1")
+        if self.kv_budget_tokens < 64:
+            _fail(f"{p}.kv_budget_tokens", self.kv_budget_tokens, "must be >= 64 (one turn needs its history + max tokens)")
+        if self.max_prefill_tokens < 1:
+            _fail(f"{p}.max_prefill_tokens", self.max_prefill_tokens, "must be >= 1")
+        if self.streaming and not self.session_kv:
+            _fail(f"{p}.streaming", self.streaming, "needs generators.session_kv: true")
+        if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
+            _fail(f"{p}.vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization, "must be in (0, 1]")
         if self.backend not in ("hf", "vllm"):
             _fail(f"{p}.backend", self.backend, "must be 'hf' or 'vllm'")
         if self.backend == "vllm":
@@ -252,6 +266,28 @@ class MetricsConfig:
     host: str = "127.0.0.1"  # bind address; set 0.0.0.0 deliberately to expose it
     port: int = 0  # 0: pick a free port (written to the run directory)
     log_every: int = 1  # append to metrics.jsonl every k steps
+    discovery_dir: str | None = "/tmp/turnrl/prometheus"  # while a run lives, the driver writes <run name>.json (Prometheus file_sd) here; deploy/prometheus/prometheus.yml globs this folder; null: off
+    advertise_host: str | None = None  # host put in the file_sd targets; null: metrics.host, or this node's IP when host is 0.0.0.0
+    linger_s: float = 0.0  # keep serving /metrics this many seconds after the run so the last values get scraped
+
+    def validate(self, p: str) -> None:
+        if self.linger_s < 0:
+            _fail(f"{p}.linger_s", self.linger_s, "must be >= 0")
+        if not 0 <= self.port <= 65535:
+            _fail(f"{p}.port", self.port, "must be in [0, 65535] (0: a free port)")
+
+
+@dataclass
+class PlacementConfig:
+    learner_strategy: str = "PACK"  # Ray placement-group strategy for the learner ranks: PACK | STRICT_PACK (one node) | SPREAD | STRICT_SPREAD
+    colocate: bool = False  # false: generators get GPUs of their own; true: generator i shares learner rank i's placement-group bundle (GPU)
+    timeout_s: float = 600.0  # how long to wait for the placement group before failing with the missing resources
+
+    def validate(self, p: str) -> None:
+        if self.learner_strategy not in ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"):
+            _fail(f"{p}.learner_strategy", self.learner_strategy, "must be PACK, STRICT_PACK, SPREAD or STRICT_SPREAD")
+        if self.timeout_s <= 0:
+            _fail(f"{p}.timeout_s", self.timeout_s, "must be > 0")
 
 
 @dataclass
@@ -275,6 +311,7 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)  # DeepSpeed learner
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # Prometheus endpoint, metrics.jsonl
     eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation
+    placement: PlacementConfig = field(default_factory=PlacementConfig)  # where actors run (placement groups, colocation)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):

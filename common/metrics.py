@@ -76,6 +76,10 @@ TIME_ADVANTAGE = "perf/time/advantage_s"
 TIME_UPDATE = "perf/time/update_s"
 TIME_SYNC = "perf/time/weight_push_s"
 TIME_STEP = "perf/time/step_s"
+# --- actors (fault tolerance) ---------------------------------------------------------
+ACTOR_RESTARTS = "actors/restarts/total"
+ACTOR_RESTARTS_ROLE = "actors/restarts/{role}"  # format with role in ACTOR_ROLES
+ACTOR_ROLES = ("generator", "env_worker", "learner", "rollout", "queue")
 
 METRICS: dict[str, str] = {
     REWARD_TOTAL: "Mean total reward (turn + outcome) per episode",
@@ -130,6 +134,9 @@ METRICS: dict[str, str] = {
     TIME_SYNC: "Seconds spent pushing weights to the generators",
     TIME_STEP: "Seconds per training step",
 }
+METRICS[ACTOR_RESTARTS] = "Ray restarts of this run's actors so far (all roles)"
+for _role in ACTOR_ROLES:
+    METRICS[ACTOR_RESTARTS_ROLE.format(role=_role)] = f"Ray restarts of this run's {_role} actors so far"
 for _k in range(8):
     METRICS[ADV_TURN_MEAN.format(k=_k)] = f"Mean advantage of turn {_k} tokens' turns"
     METRICS[ADV_TURN_STD.format(k=_k)] = f"Std of the advantage of turn {_k}"

@@ -53,7 +53,7 @@ TURN_FIELDS = frozenset({"question", "action", "observation", "answers"})
 #: Only this many leading characters of a judge reply are parsed.
 MAX_REPLY_CHARS = 2000
 
-_NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)"
+_NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 _TAGGED_RE = re.compile(rf"<score>\s*({_NUM})\s*</score>", re.IGNORECASE)
 _LABELLED_RE = re.compile(rf"\b(?:score|rating|grade)\b\s*(?:is|of|=|:)?\s*\**\s*({_NUM})\s*(%|/\s*({_NUM}))?", re.IGNORECASE)
 _FIRST_RE = re.compile(rf"({_NUM})\s*(%|/\s*({_NUM}))?")

@@ -22,7 +22,6 @@ def prepare_data(dcfg) -> DataPaths:
 
     Every failure names the file and what was expected (``FileNotFoundError`` / ``ValueError``).
     """
-    from env_workers.corpus import load_corpus
     from env_workers.demo_data import generate_demo_data, load_questions
     from env_workers.index import BM25Index
 
@@ -50,7 +49,20 @@ def prepare_data(dcfg) -> DataPaths:
     try:
         BM25Index.load(paths.index_dir)  # validates a saved index
     except FileNotFoundError:
-        corpus = load_corpus(paths.corpus)
-        log.info("building BM25 index over %d passages -> %s", corpus.num_rows, paths.index_dir)
-        BM25Index.build(corpus).save(paths.index_dir)
+        _build_index(paths.corpus, paths.index_dir)
     return paths
+
+
+def _build_index(corpus_path: Path, index_dir: Path) -> None:
+    """Index ``corpus_path`` into ``index_dir``: an ``id, title, text`` Parquet/JSONL file directly
+    (Parquet streamed in batches), any other layout of :mod:`env_workers.ingest` (DPR TSV, KILT,
+    HotpotQA) through ingestion into ``index_dir/corpus.parquet`` first."""
+    from env_workers.index import BM25Index
+    from env_workers.ingest import build_index_from_source, detect_layout
+
+    layout = detect_layout(corpus_path)
+    log.info("building BM25 index over %s (%s layout) -> %s", corpus_path, layout, index_dir)
+    if layout in ("jsonl", "parquet"):
+        BM25Index.build(corpus_path, out_dir=index_dir)
+    else:
+        build_index_from_source(corpus_path, index_dir, layout=layout, show_progress=False)

@@ -44,12 +44,16 @@ class EnvWorker:
         index_dir: str,
         env_kwargs: dict[str, Any] | None = None,
         *,
-        mmap: bool = False,
+        mmap: bool = True,
         judge: Any = None,
         judge_outcome_weight: float = 0.0,
         judge_turn_weight: float = 0.0,
     ) -> None:
-        """Load the index saved in ``index_dir``; ``env_kwargs`` go to every ``WikiSearchEnv``."""
+        """Load the index saved in ``index_dir``; ``env_kwargs`` go to every ``WikiSearchEnv``.
+
+        ``mmap=True`` (default) memory-maps the score arrays and documents: workers on one node
+        share the operating system's page cache instead of each holding a copy of the corpus.
+        """
         if judge_outcome_weight < 0 or judge_turn_weight < 0:
             raise ValueError("judge weights must be >= 0")
         self.index = BM25Index.load(index_dir, mmap=mmap)

@@ -26,6 +26,7 @@ from typing import Any
 from common import metrics as M
 from common.config import Config, save_config
 from env_workers.prepare import DataPaths, prepare_data
+from learner.cluster import Placement, PrometheusTargets, RestartCounter, check_placement
 from learner.evaluation import format_table, plot_learning_curves, summarize_episodes
 
 log = logging.getLogger(__name__)
@@ -113,13 +114,15 @@ class Trainer:
             "weights": RewardWeights(**vars(cfg.env.rewards)),
         }
         g = cfg.generators
+        # learner ranks packed in one placement group; generators on their own GPUs unless colocated
+        self.placement = Placement(cfg, run_dir.name)
         self.weight_store = ray.remote(WeightStore).options(num_cpus=0).remote()
         self.generators = [
             ray.remote(Generator).options(num_cpus=g.num_cpus, num_gpus=g.num_gpus, max_restarts=g.max_restarts,
-                                          max_task_retries=2).remote(
+                                          max_task_retries=2, **self.placement.generator_options(i)).remote(
                 model_path, dtype=cfg.model.dtype, torch_threads=g.torch_threads, backend=g.backend,
                 weight_store=self.weight_store)
-            for _ in range(g.num)
+            for i in range(g.num)
         ]
         self.env_workers = [
             ray.remote(EnvWorker).options(num_cpus=cfg.env.num_cpus, max_restarts=cfg.env.max_restarts).remote(
@@ -133,17 +136,19 @@ class Trainer:
             max_tokens_per_turn=cfg.generation.max_tokens_per_turn,
             max_tokens_per_episode=cfg.generation.max_tokens_per_episode)
         a, lc = cfg.algorithm, cfg.learner
-        port = _free_port()
+        master_addr, port = self.placement.rendezvous()
         self.learners = [
-            ray.remote(LearnerWorker).options(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus).remote(
+            ray.remote(LearnerWorker).options(**self.placement.learner_options(r)).remote(
                 model_path, learner={**vars(lc), "betas": list(lc.betas), "dtype": cfg.model.dtype},
                 algorithm=vars(a), temperature=cfg.generation.temperature,
                 batch_episodes=a.prompts_per_step * a.group_size, rank=r, world_size=lc.num_ranks,
-                master_port=port, seed=cfg.run.seed)
+                master_port=port, master_addr=master_addr, seed=cfg.run.seed)
             for r in range(lc.num_ranks)
         ]
         ray.get([x.ping.remote() for x in self.generators])
         ray.get([x.get_version.remote() for x in self.learners])
+        self.restarts = RestartCounter({"generator": self.generators, "env_worker": self.env_workers,
+                                        "learner": self.learners, "rollout": [self.rollout], "queue": [self.queue]})
         self.version = 0
         self.episode_counter = 0
         self.group_counter = 0
@@ -172,7 +177,9 @@ class Trainer:
         table = ray.get(self.queue.get.remote(n_groups, self.version))
         if table is None:
             raise RuntimeError("the replay queue released no complete group; see queue metrics")
-        stats = ray.get([lw.train_step.remote(table) for lw in self.learners])[0]
+        table_ref = ray.put(table)  # one copy in the object store for every rank
+        per_rank = ray.get([lw.train_step.remote(table_ref) for lw in self.learners])
+        stats = {k: sum(r[k] for r in per_rank) / len(per_rank) for k in per_rank[0]}  # ranks see different shards
         self.version = int(stats[M.POLICY_VERSION])
         return stats
 
@@ -180,7 +187,8 @@ class Trainer:
         import ray
 
         t0 = time.time()
-        refs = ray.get(self.learners[0].export_weights.remote(self.cfg.learner.bucket_mb * 2**20))
+        refs = ray.get([lw.export_weights.remote(self.cfg.learner.bucket_mb * 2**20)
+                        for lw in self.learners])[0]  # rank 0's buckets (other ranks only join a ZeRO-3 gather)
         ray.get(self.weight_store.publish.remote(self.version, refs))
         ray.get([g.update_weights.remote(self.version, refs) for g in self.generators])
         return time.time() - t0
@@ -225,6 +233,7 @@ def train(cfg: Config) -> Path:
     from common.modeling import check_model_dir
 
     check_model_dir(cfg.model.path)
+    check_placement(cfg)
     run_dir = make_run_dir(cfg)
     save_config(cfg, run_dir / "config.yaml")
     if not ray.is_initialized():
@@ -236,8 +245,11 @@ def train(cfg: Config) -> Path:
                      log_to_driver=True, runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ.get(
                          "DS_ACCELERATOR", "cpu"), "TOKENIZERS_PARALLELISM": "false"}})
     sink = M.MetricsSink(run_dir, enabled=cfg.metrics.enabled, host=cfg.metrics.host, port=cfg.metrics.port)
+    targets = None
     if sink.port is not None:
         (run_dir / "metrics_endpoint.txt").write_text(f"http://{cfg.metrics.host}:{sink.port}/metrics\n")
+        targets = PrometheusTargets(run_dir, cfg.metrics.host, sink.port, discovery_dir=cfg.metrics.discovery_dir,
+                                    advertise=cfg.metrics.advertise_host)
     try:
         trainer = Trainer(cfg, run_dir, data)
         results: dict[str, Any] = {}
@@ -256,6 +268,7 @@ def train(cfg: Config) -> Path:
             stats[M.TIME_SYNC] = trainer.sync_phase() if step % cfg.learner.push_every == 0 else 0.0
             stats.update(ray.get(trainer.queue.stats.remote()))
             stats[M.EPISODES_TOTAL] = trainer.episode_counter
+            stats.update(trainer.restarts.sample())
             stats[M.TIME_STEP] = time.time() - t0
             if step % cfg.metrics.log_every == 0 or step == cfg.learner.total_steps:
                 sink.log(step, stats)
@@ -264,7 +277,7 @@ def train(cfg: Config) -> Path:
         results["trained"] = trainer.evaluate("trained", greedy=False)
         if cfg.eval.greedy:
             results["trained_greedy"] = trainer.evaluate("trained_greedy", greedy=True)
-        ray.get(trainer.learners[0].save_pretrained.remote(str((run_dir / "policy").resolve())))
+        ray.get([lw.save_pretrained.remote(str((run_dir / "policy").resolve())) for lw in trainer.learners])
         summary = {
             "generator_versions": ray.get([g.version.remote() for g in trainer.generators]),
             "learner_version": trainer.version,
@@ -281,6 +294,11 @@ def train(cfg: Config) -> Path:
         (run_dir / "eval_table.txt").write_text(table + "\n")
         print(f"\nHeld-out evaluation ({len(trainer.eval_questions)} questions):\n{table}\n"
               f"wall time {results['wall_time_s']:.0f} s; run directory: {run_dir}")
+        if cfg.metrics.linger_s > 0 and sink.port is not None:
+            log.info("serving the final metrics for %.0f s more (metrics.linger_s)", cfg.metrics.linger_s)
+            time.sleep(cfg.metrics.linger_s)
     finally:
+        if targets is not None:
+            targets.close()
         sink.close()
     return run_dir

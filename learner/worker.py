@@ -62,10 +62,10 @@ class LearnerWorker:
 
     def __init__(self, model_path: str, *, learner: dict[str, Any], algorithm: dict[str, Any],
                  temperature: float, batch_episodes: int, rank: int = 0, world_size: int = 1,
-                 master_port: int = 29500, seed: int = 0):
+                 master_port: int = 29500, seed: int = 0, master_addr: str = "127.0.0.1"):
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port), RANK=str(rank),
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0")
         torch.set_num_threads(max(1, int(learner.get("torch_threads", 1))))
         torch.manual_seed(seed)
@@ -123,7 +123,7 @@ class LearnerWorker:
                 self.engine.step()
         self.steps += 1
         self.version += 1
-        out = {k: sum(d[k] for d in diags) / max(1, len(diags)) for k in diags[0]} if diags else {}
+        out = self._global_diags(diags)  # whole-batch values, the same for any number of ranks
         stats: dict[str, float] = {
             M.LOSS: out.get("loss", 0.0), M.KL: out.get("approx_kl", 0.0), M.CLIP_FRAC: out.get("clip_frac", 0.0),
             M.ENTROPY: out.get("entropy", 0.0), M.GRAD_NORM: float(self.engine.get_global_grad_norm() or 0.0),
@@ -147,6 +147,11 @@ class LearnerWorker:
         ids = mb.input_ids.to(device)  # [b, T]
         mask = mb.action_mask[:, 1:].to(device) > 0  # [b, T-1] position t predicts token t+1
         module = self.engine.module
+        if self.lcfg.get("zero_stage", 0) == 3:
+            # ZeRO-3 gathers partitioned parameters in hooks around the whole model's forward; calling
+            # the decoder and the (tied) LM head separately gives wrong gradients, so take the full logits.
+            out = self.engine(input_ids=ids, attention_mask=mb.attention_mask.to(device))
+            return out.logits[:, :-1][mask], ids[:, 1:][mask], mask
         hidden = module.get_decoder()(input_ids=ids, attention_mask=mb.attention_mask.to(device)).last_hidden_state
         logits = module.get_output_embeddings()(hidden[:, :-1][mask])  # [N, V]
         return logits, ids[:, 1:][mask], mask
@@ -171,12 +176,41 @@ class LearnerWorker:
         d = {k: float(v) for k, v in diag.items() if torch.is_tensor(v) and v.numel() == 1}
         d["loss"] = float(loss.detach())
         d["entropy"] = float(ent_sel.detach().mean()) if ent_sel.numel() else 0.0
+        d["tokens"] = float(mask.sum())
         return d
+
+    def _global_diags(self, diags: list[dict[str, float]]) -> dict[str, float]:
+        """Diagnostics of the whole batch: identical on every rank and for any number of ranks.
+
+        ``loss`` is the sum of the micro-batch losses (each already divided by the global
+        normaliser), averaged over epochs; ``approx_kl``, ``clip_frac`` and ``entropy`` are
+        token-weighted means. Sums go through an all-reduce, so every rank must call this.
+        """
+        keys = ("approx_kl", "clip_frac", "entropy")
+        vec = [sum(d["tokens"] for d in diags), sum(d["loss"] for d in diags)]
+        vec += [sum(d.get(k, 0.0) * d["tokens"] for d in diags) for k in keys]
+        t = torch.tensor(vec, dtype=torch.float64, device=self.engine.device)  # [2 + len(keys)]
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+        out = {"loss": float(t[1]) / self.world / self.acfg["ppo_epochs"]}
+        out.update({k: float(t[2 + i]) / max(float(t[0]), 1.0) for i, k in enumerate(keys)})
+        return out
 
     # -- weights --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Full CPU state dict of the policy (rank 0 pushes it to the generators)."""
+        """Full CPU state dict of the policy (rank 0 pushes it to the generators).
+
+        Under ZeRO-3 the parameters are partitioned: every rank must call this (a collective
+        gather); ranks other than 0 get an empty dict.
+        """
         module = self.engine.module
+        if self.lcfg.get("zero_stage", 0) == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                if self.rank != 0:
+                    return {}
+                return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
         return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
     def export_weights(self, bucket_bytes: int) -> list:
@@ -185,10 +219,20 @@ class LearnerWorker:
 
         from actors.generator import bucketize
 
-        return [ray.put(b) for b in bucketize(self.state_dict(), bucket_bytes)]
+        if self.rank != 0 and self.lcfg.get("zero_stage", 0) != 3:
+            return []  # rank 0 holds the full weights; only ZeRO-3 needs every rank (gather)
+        state = self.state_dict()
+        return [ray.put(b) for b in bucketize(state, bucket_bytes)] if self.rank == 0 else []
 
     def save_pretrained(self, out_dir: str) -> str:
-        self.engine.module.save_pretrained(out_dir, safe_serialization=True)
+        """Write the policy with ``save_pretrained`` (rank 0 writes; under ZeRO-3 call it on every rank)."""
+        if self.lcfg.get("zero_stage", 0) == 3:
+            state = self.state_dict()  # collective gather
+            if self.rank == 0:
+                self.engine.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+            return out_dir
+        if self.rank == 0:
+            self.engine.module.save_pretrained(out_dir, safe_serialization=True)
         return out_dir
 
     def get_version(self) -> int:

@@ -4,6 +4,9 @@
 """
 
 from common.replay.actor import ReplayQueue
-from common.replay.store import STALE_MODES, STALENESS_WEIGHT, QueueFull, ReplayStore, check_schema
+from common.replay.rows import check_schema
+from common.replay.store import STALE_MODES, STALENESS_WEIGHT, QueueFull, ReplayStore
+from common.replay.wire import register_arrow_serializers
 
-__all__ = ["ReplayQueue", "ReplayStore", "QueueFull", "STALENESS_WEIGHT", "STALE_MODES", "check_schema"]
+__all__ = ["ReplayQueue", "ReplayStore", "QueueFull", "STALENESS_WEIGHT", "STALE_MODES", "check_schema",
+           "register_arrow_serializers"]

@@ -21,9 +21,17 @@ from typing import Any
 import pyarrow as pa
 
 from common import metrics as M
+from common.replay.rows import prepare
 from common.replay.store import QueueFull, ReplayStore
+from common.replay.wire import register_arrow_serializers
 
 _RATE_WINDOW_S = 30.0
+
+
+def _in_ray_actor() -> bool:
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 
 
 class _Rate:
@@ -50,7 +58,7 @@ class ReplayQueue:
     """Arrow replay queue of per-turn transitions; see ``common.replay.store`` for the rules.
 
     Args:
-        capacity_rows: turns admitted for new groups before producers wait (continuing turns always enter).
+        capacity_rows: turns held before producers opening new groups wait (see ``ReplayStore.may_admit``).
         max_policy_lag: a group whose oldest turn is more than this many versions behind the learner's
             version at get time is dropped ("drop") or down-weighted ("reweight").
         capacity_bytes: the same bound in bytes (memory + spilled); None = rows only.
@@ -64,6 +72,8 @@ class ReplayQueue:
     def __init__(self, capacity_rows: int = 100_000, max_policy_lag: int = 1, *, capacity_bytes: int | None = None,
                  stale_mode: str = "drop", stale_decay: float = 0.5, memory_bytes: int | None = None,
                  spill_dir: str | os.PathLike | None = None, put_timeout_s: float | None = None):
+        if _in_ray_actor():
+            register_arrow_serializers()  # replies travel as Arrow IPC (see common.replay.wire)
         self.store = ReplayStore(capacity_rows, max_policy_lag, capacity_bytes=capacity_bytes, stale_mode=stale_mode,
                                  stale_decay=stale_decay, memory_bytes=memory_bytes, spill_dir=spill_dir)
         self.put_timeout_s = put_timeout_s
@@ -80,23 +90,29 @@ class ReplayQueue:
         """Store the turns of ``batch``; return how many were stored (duplicates and late rows are counted, not stored).
 
         Rows continuing groups already held enter at once; rows opening new groups wait, first
-        come first served, until they fit under the capacity. After ``timeout`` seconds (default
-        ``put_timeout_s``; None = no limit) raises ``QueueFull``, having stored only the continuing
-        rows (re-putting the whole batch is safe: repeats are dropped as duplicates). Raises
-        ``TypeError`` on a schema mismatch and ``ValueError`` on inconsistent rows, storing nothing.
+        come first served, while they do not fit under the capacity and a complete group is
+        waiting for the learner (``ReplayStore.may_admit`` says why only then). After ``timeout``
+        seconds (default ``put_timeout_s``; None or ``math.inf``: no limit) raises ``QueueFull``,
+        having stored only the continuing rows (re-putting the whole batch is safe: repeats are
+        dropped as duplicates). Raises ``TypeError`` on a schema mismatch and ``ValueError`` on
+        inconsistent rows, storing nothing.
         """
-        parts = self.store.prepare(batch)
-        new = [p for p in parts if self.store.is_new(p)]
-        rows, nbytes = sum(p.rows for p in new), sum(p.batch.nbytes for p in new)
+        put = prepare(batch)
+        if put is None:
+            return 0
+        new = self.store.new_groups(put)
+        rows, nbytes = put.rows_of(new)
         self.store.fits_ever(rows, nbytes)
-        if not new or (not self._line and self.store.has_room(rows, nbytes)):
-            stored = self.store.commit(parts)
+        if not new or (not self._line and self.store.may_admit(rows, nbytes)):
+            stored = self.store.commit(put)
         else:
-            self.store.validate(parts)
-            stored = self.store.commit([p for p in parts if not self.store.is_new(p)])
-            await self._wait_for_room(rows, nbytes, self.put_timeout_s if timeout is None else timeout,
-                                      stored, [p.group_id for p in new])
-            stored += self.store.commit(new)
+            self.store.validate(put)
+            old = sorted(set(range(len(put.group_ids))) - set(new))
+            stored = self.store.commit(put, old)
+            timeout = self.put_timeout_s if timeout is None else timeout
+            await self._wait_for_room(rows, nbytes, None if timeout is None or math.isinf(timeout) else timeout,
+                                      stored, [put.group_ids[k] for k in new])
+            stored += self.store.commit(put, new)
         now = time.monotonic()
         self._put_rate.observe(self.store.put_rows_total, now)
         await self._notify()
@@ -111,7 +127,7 @@ class ReplayQueue:
         try:
             async with self._changed:
                 await asyncio.wait_for(self._changed.wait_for(
-                    lambda: self._line[0] is ticket and self.store.has_room(rows, nbytes)), timeout)
+                    lambda: self._line[0] is ticket and self.store.may_admit(rows, nbytes)), timeout)
         except asyncio.TimeoutError:
             raise QueueFull(
                 f"no room for {rows} rows ({nbytes} bytes) of new groups {gids[:8]} within {timeout} s: queue holds "

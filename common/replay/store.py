@@ -26,7 +26,6 @@ stored behaviour log-probs already corrects the off-policyness per token).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -41,76 +40,20 @@ import numpy as np
 import pyarrow as pa
 
 from common import schema as S
+from common.replay.rows import Put, prepare
+from common.replay.wire import read_ipc_file, write_ipc_file
 
 log = logging.getLogger(__name__)
 
 STALENESS_WEIGHT = "staleness_weight"  # float32, only in tables released in "reweight" mode
 STALE_MODES = ("drop", "reweight")
-SNAPSHOT_FORMAT = "turnrl.replay_queue/1"
-SNAPSHOT_ROWS = "rows.arrow"
-SNAPSHOT_STATE = "state.json"
-_KEY_COLUMNS = (S.GROUP_ID, S.EPISODE_ID, S.TURN_INDEX, S.POLICY_VERSION, S.IS_LAST_TURN, S.GROUP_SIZE)
-_COUNTERS = ("put_rows_total", "get_rows_total", "get_groups_total", "dropped_stale_groups",
+COUNTERS = ("put_rows_total", "get_rows_total", "get_groups_total", "dropped_stale_groups",
              "dropped_stale_rows", "reweighted_stale_groups", "dropped_duplicate_rows", "dropped_late_rows",
              "aborted_groups", "aborted_rows", "spilled_bytes_total", "released_lag_max")
 
 
 class QueueFull(RuntimeError):
     """A put waited longer than its timeout for room in the queue (see the message for what was stored)."""
-
-
-def check_schema(batch: pa.RecordBatch | pa.Table) -> pa.RecordBatch:
-    """Return ``batch`` as one RecordBatch with exactly ``TRANSITION_SCHEMA``, or raise TypeError saying why not.
-
-    Columns in another order are reordered; missing, unexpected or mistyped columns are an error.
-    """
-    if isinstance(batch, pa.Table):
-        batch = batch.combine_chunks()
-        batch = batch.to_batches()[0] if batch.num_rows else pa.RecordBatch.from_pylist([], schema=batch.schema)
-    if not isinstance(batch, pa.RecordBatch):
-        raise TypeError(f"the replay queue takes a pyarrow RecordBatch or Table, got {type(batch).__name__}")
-    expected = S.TRANSITION_SCHEMA
-    if not batch.schema.equals(expected, check_metadata=False):
-        got = {f.name: f.type for f in batch.schema}
-        problems = []
-        missing = [n for n in expected.names if n not in got]
-        extra = [n for n in got if n not in expected.names]
-        if missing:
-            problems.append(f"missing columns {missing}")
-        if extra:
-            problems.append(f"unexpected columns {extra}")
-        problems += [f"column {f.name!r} has type {got[f.name]}, expected {f.type}"
-                     for f in expected if f.name in got and not got[f.name].equals(f.type)]
-        if problems:
-            raise TypeError("batch does not match common.schema.TRANSITION_SCHEMA: " + "; ".join(problems))
-        batch = batch.select(list(expected.names))
-    return pa.RecordBatch.from_arrays(batch.columns, schema=expected)
-
-
-@dataclass
-class _Part:
-    """The rows of one group from one put (a copy of the producer's data, in arrival order)."""
-
-    group_id: int
-    batch: pa.RecordBatch
-    episode_ids: np.ndarray  # int64[n]
-    turns: np.ndarray  # int32[n]
-    last: np.ndarray  # bool[n]
-    versions: np.ndarray  # int64[n]
-    size: int  # G
-
-    @property
-    def rows(self) -> int:
-        return self.batch.num_rows
-
-
-@dataclass
-class _Episode:
-    turns: set[int] = field(default_factory=set)
-    last_turn: int = -1  # -1 until the last turn has arrived
-
-    def complete(self) -> bool:
-        return self.last_turn >= 0 and len(self.turns) == self.last_turn + 1
 
 
 @dataclass
@@ -123,8 +66,8 @@ class _SpillFile:
 @dataclass
 class _Group:
     group_id: int
-    size: int
-    episodes: dict[int, _Episode] = field(default_factory=dict)
+    size: int  # G
+    episodes: list[int] = field(default_factory=list)  # episode ids, first-arrival order
     complete_episodes: int = 0
     chunks: list[pa.RecordBatch] = field(default_factory=list)  # in memory, arrival order, after `files`
     files: list[_SpillFile] = field(default_factory=list)  # spilled, arrival order
@@ -133,16 +76,17 @@ class _Group:
     min_version: int = 2**62
     complete: bool = False
 
-    @property
-    def disk_bytes(self) -> int:
-        return sum(f.nbytes for f in self.files)
+
+def _episode_complete(state: list[int] | None) -> bool:
+    """``state`` = [group id, bitmask of turns held, last turn or -1]: every turn 0..last is held."""
+    return state is not None and state[2] >= 0 and state[1] == (1 << (state[2] + 1)) - 1
 
 
 class ReplayStore:
     """Synchronous replay store; see the module docstring for the rules.
 
     Args:
-        capacity_rows: rows (turns) admitted for new groups; see ``has_room``.
+        capacity_rows: rows (turns) admitted for new groups; see ``may_admit``.
         max_policy_lag: largest group lag released as is.
         capacity_bytes: bytes (memory + spilled) admitted for new groups; None = no byte limit.
         stale_mode: "drop" or "reweight" (see module docstring).
@@ -180,49 +124,24 @@ class ReplayStore:
         self._ready: deque[int] = deque()  # complete group ids, completion order (may hold evicted ids)
         self.n_ready = 0
         self._retired: set[int] = set()  # released, dropped or aborted group ids: later rows are late
+        self._eps: dict[int, list[int]] = {}  # held episode id -> [group id, turn bitmask, last turn or -1]
         self.rows = 0
         self.mem_bytes = 0
         self.disk_bytes = 0
         self.learner_version: int | None = None  # last version passed to take()
         self.last_lag_mean = 0.0
         self.last_lag_max = 0
-        for name in _COUNTERS:
+        for name in COUNTERS:
             setattr(self, name, 0)
 
     # -- put --------------------------------------------------------------------------------
-    def prepare(self, batch: pa.RecordBatch | pa.Table) -> list[_Part]:
-        """Validate ``batch`` (schema, nulls, per-group consistency) and split it by group; no state changes."""
-        batch = check_schema(batch)
-        if batch.num_rows == 0:
-            return []
-        nulls = [c for c in _KEY_COLUMNS if batch.column(c).null_count]
-        if nulls:
-            raise ValueError(f"batch has nulls in key columns {nulls}")
-        gids = batch.column(S.GROUP_ID).to_numpy()
-        order = np.argsort(gids, kind="stable")
-        batch = batch.take(pa.array(order))  # copy: groups contiguous, and no pin on Ray's object store
-        gids = gids[order]
-        eids = batch.column(S.EPISODE_ID).to_numpy()
-        turns = batch.column(S.TURN_INDEX).to_numpy()
-        last = batch.column(S.IS_LAST_TURN).to_numpy(zero_copy_only=False)
-        versions = batch.column(S.POLICY_VERSION).to_numpy()
-        sizes = batch.column(S.GROUP_SIZE).to_numpy()
-        if (turns < 0).any():
-            raise ValueError(f"negative turn_index in rows {np.flatnonzero(turns < 0)[:5].tolist()}")
-        bounds = np.concatenate([[0], np.flatnonzero(np.diff(gids)) + 1, [len(gids)]])
-        parts = []
-        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-            gid, size = int(gids[a]), int(sizes[a])
-            if (sizes[a:b] != size).any():
-                raise ValueError(f"group {gid}: rows disagree on group_size ({sorted(set(sizes[a:b].tolist()))})")
-            if size < 1:
-                raise ValueError(f"group {gid}: group_size={size} must be >= 1")
-            parts.append(_Part(gid, batch.slice(a, b - a), eids[a:b], turns[a:b], last[a:b], versions[a:b], size))
-        return parts
+    def put(self, batch: pa.RecordBatch | pa.Table) -> int:
+        """Validate and store ``batch`` (no capacity check: that is the actor's job); return rows stored."""
+        return self.commit(prepare(batch))
 
-    def is_new(self, part: _Part) -> bool:
-        """True if ``part`` would open a group (not held, not retired): such rows are subject to capacity."""
-        return part.group_id not in self._groups and part.group_id not in self._retired
+    def new_groups(self, put: Put) -> list[int]:
+        """Positions in ``put`` of groups it would open (neither held nor retired): capacity applies to these."""
+        return [k for k, g in enumerate(put.group_ids) if g not in self._groups and g not in self._retired]
 
     def fits_ever(self, rows: int, nbytes: int) -> None:
         """Raise ValueError if ``rows``/``nbytes`` of new groups could never be admitted, even into an empty queue."""
@@ -234,102 +153,135 @@ class ReplayStore:
                              "put smaller batches or raise the capacity")
 
     def has_room(self, rows: int, nbytes: int) -> bool:
-        """Room for ``rows``/``nbytes`` of *new* groups.
-
-        Capacity gates the admission of new groups only. Rows continuing a group already held
-        are always admitted: holding them back could deadlock (the group can never complete,
-        so never leave) and would only make them staler. The queue can therefore exceed its
-        capacity by the unfinished turns of the groups it has admitted.
-        """
+        """Whether ``rows``/``nbytes`` of new groups fit under the capacity."""
         if self.rows + rows > self.capacity_rows:
             return False
         return self.capacity_bytes is None or self.held_bytes + nbytes <= self.capacity_bytes
 
-    def validate(self, parts: list[_Part]) -> None:
-        """Raise ValueError if ``commit(parts)`` would, without changing anything."""
-        for p in self._check(parts):
-            self._plan(p)
+    def may_admit(self, rows: int, nbytes: int) -> bool:
+        """Whether rows opening new groups may enter now.
 
-    def commit(self, parts: Iterable[_Part]) -> int:
-        """Store ``parts`` atomically (all or, on a ValueError, nothing); return the rows stored."""
-        parts = list(parts)
-        plans = [self._plan(p) for p in self._check(parts)]
-        stored = 0
-        for part, (keep, views) in zip(parts, plans):
-            stored += self._apply(part, keep, views)
+        Capacity gates the admission of *new* groups, and only while a complete group is waiting:
+        then the learner can make room by taking it, so producers wait. When no complete group is
+        waiting, only producers can make progress (a producer blocked on a put also stops the other
+        episodes it is running), so waiting could never end: the rows enter even over capacity.
+        Rows continuing a group already held always enter (``put`` commits them first). The queue
+        can thus exceed its capacity by the groups producers have in flight, which their own
+        concurrency bounds; what backpressure bounds is the data waiting for the learner.
+        """
+        return self.has_room(rows, nbytes) or self.n_ready == 0
+
+    def commit(self, put: Put | None, groups: list[int] | None = None) -> int:
+        """Store the rows of ``put`` (of the groups at positions ``groups`` only, if given); return rows stored.
+
+        All or nothing: on a ValueError (inconsistent with what is held) nothing changes. Rows
+        repeating an (episode, turn) already held are dropped as duplicates, rows of retired
+        groups as late; both are counted.
+        """
+        if put is None:
+            return 0
+        plan, keep, late = self._plan(put, range(len(put.group_ids)) if groups is None else groups)
+        return self._apply(put, plan, keep, late)
+
+    def validate(self, put: Put) -> None:
+        """Raise ValueError if ``commit(put)`` would, without changing anything."""
+        self._plan(put, range(len(put.group_ids)))
+
+    def _plan(self, put: Put, groups: Iterable[int]) -> tuple[dict[int, list[int]], list[tuple[int, list[bool]]],
+                                                              int]:
+        """Episode states after ``put``, the rows to keep per group position, and the late-row count."""
+        plan: dict[int, list[int]] = {}  # episode id -> [group id, turn bitmask, last turn]
+        keep: list[tuple[int, list[bool]]] = []
+        late = 0
+        eids, turns, lasts, bounds = put.episode_ids, put.turns, put.last, put.bounds
+        for k in groups:
+            gid, size, a, b = put.group_ids[k], put.sizes[k], bounds[k], bounds[k + 1]
+            if gid in self._retired:
+                late += b - a
+                continue
+            g = self._groups.get(gid)
+            if g is not None and g.size != size:
+                raise ValueError(f"group {gid}: group_size {size} but the queue holds it with {g.size}")
+            n_eps = len(g.episodes) if g is not None else 0
+            kept = [True] * (b - a)
+            for i in range(a, b):
+                eid, turn = eids[i], turns[i]
+                st = plan.get(eid)
+                if st is None:
+                    old = self._eps.get(eid)
+                    if old is None:
+                        st, n_eps = [gid, 0, -1], n_eps + 1
+                    else:
+                        st = list(old)
+                    plan[eid] = st
+                if st[0] != gid:
+                    raise ValueError(f"episode {eid} arrived in group {gid}; it belongs to group {st[0]}")
+                bit = 1 << turn
+                if st[1] & bit:
+                    kept[i - a] = False
+                    continue
+                if 0 <= st[2] < turn:
+                    raise ValueError(f"episode {eid}: turn {turn} arrived after its last turn {st[2]}")
+                if lasts[i]:
+                    if st[1] >> (turn + 1):
+                        raise ValueError(f"episode {eid}: last turn {turn} but turn {st[1].bit_length() - 1} is held")
+                    st[2] = turn
+                st[1] |= bit
+            if n_eps > size:
+                raise ValueError(f"group {gid}: {n_eps} distinct episodes but group_size is {size}")
+            keep.append((k, kept))
+        return plan, keep, late
+
+    def _apply(self, put: Put, plan: dict[int, list[int]], keep: list[tuple[int, list[bool]]], late: int) -> int:
+        stored = dups = 0
+        touched = []
+        for k, kept in keep:
+            gid, a, b = put.group_ids[k], put.bounds[k], put.bounds[k + 1]
+            chunk, versions = put.batch.slice(a, b - a), put.versions[a:b]
+            n_keep = sum(kept)
+            if n_keep < b - a:
+                dups += b - a - n_keep
+                if n_keep == 0:
+                    continue
+                mask = np.array(kept)
+                chunk, versions = chunk.filter(pa.array(mask)), versions[mask]
+            g = self._groups.get(gid)
+            if g is None:
+                g = self._groups[gid] = _Group(gid, put.sizes[k])
+            nbytes = round(n_keep * put.bytes_per_row)
+            g.chunks.append(chunk)
+            g.rows += n_keep
+            g.mem_bytes += nbytes
+            g.min_version = min(g.min_version, int(versions.min()))
+            self.rows += n_keep
+            self.mem_bytes += nbytes
+            stored += n_keep
+            touched.append(g)
+        for eid, st in plan.items():
+            old = self._eps.get(eid)
+            if old is None:
+                g = self._groups.get(st[0])
+                if g is None:  # every row of a new episode was a duplicate of itself: nothing held
+                    continue
+                g.episodes.append(eid)
+            self._eps[eid] = st
+            if _episode_complete(st) and not _episode_complete(old):
+                self._groups[st[0]].complete_episodes += 1
+        for g in touched:
+            if not g.complete and g.complete_episodes == g.size:
+                g.complete = True
+                self._ready.append(g.group_id)
+                self.n_ready += 1
+        self.put_rows_total += stored
+        self.dropped_duplicate_rows += dups
+        self.dropped_late_rows += late
+        if dups or late:
+            log.warning("put: dropped %d rows repeating turns already held and %d rows of groups already released, "
+                        "dropped or aborted", dups, late)
         if self.stale_mode == "drop" and self.learner_version is not None:
-            self._evict_stale(self.learner_version, [p.group_id for p in parts])
+            self._evict_stale(self.learner_version, [g.group_id for g in touched])
         self._maybe_spill()
         return stored
-
-    def _check(self, parts: list[_Part]) -> list[_Part]:
-        seen: dict[int, int] = {}
-        for p in parts:
-            size = self._groups[p.group_id].size if p.group_id in self._groups else seen.get(p.group_id, p.size)
-            if size != p.size:
-                raise ValueError(f"group {p.group_id}: group_size {p.size} but the queue holds it with {size}")
-            seen[p.group_id] = size
-        return parts
-
-    def _plan(self, p: _Part) -> tuple[np.ndarray | None, dict[int, _Episode]]:
-        """Which rows of ``p`` to keep (None = drop all as late) and the episodes' states after it."""
-        if p.group_id in self._retired:
-            return None, {}
-        g = self._groups.get(p.group_id)
-        held = g.episodes if g is not None else {}
-        views: dict[int, _Episode] = {}
-        keep = np.ones(p.rows, dtype=bool)
-        for i, (eid, turn, last) in enumerate(zip(p.episode_ids.tolist(), p.turns.tolist(), p.last.tolist())):
-            ep = views.get(eid)
-            if ep is None:
-                old = held.get(eid)
-                ep = views[eid] = _Episode(set(old.turns), old.last_turn) if old else _Episode()
-            if turn in ep.turns:
-                keep[i] = False
-                continue
-            if ep.last_turn >= 0 and turn > ep.last_turn:
-                raise ValueError(f"episode {eid}: turn {turn} arrived after its last turn {ep.last_turn}")
-            if last:
-                if ep.turns and max(ep.turns) > turn:
-                    raise ValueError(f"episode {eid}: last turn {turn} but turn {max(ep.turns)} is held")
-                ep.last_turn = turn
-            ep.turns.add(turn)
-        n_eps = len(set(held) | set(views))
-        if n_eps > p.size:
-            raise ValueError(f"group {p.group_id}: {n_eps} distinct episodes but group_size is {p.size}")
-        return keep, views
-
-    def _apply(self, p: _Part, keep: np.ndarray | None, views: dict[int, _Episode]) -> int:
-        if keep is None:
-            self.dropped_late_rows += p.rows
-            log.warning("dropped %d rows of group %d, already released, dropped or aborted", p.rows, p.group_id)
-            return 0
-        batch, versions = p.batch, p.versions
-        if not keep.all():
-            self.dropped_duplicate_rows += int((~keep).sum())
-            log.warning("dropped %d duplicate rows of group %d", int((~keep).sum()), p.group_id)
-            batch, versions = batch.filter(pa.array(keep)), versions[keep]
-        if batch.num_rows == 0:
-            return 0
-        g = self._groups.get(p.group_id)
-        if g is None:
-            g = self._groups[p.group_id] = _Group(p.group_id, p.size)
-        g.chunks.append(batch)
-        g.rows += batch.num_rows
-        g.mem_bytes += batch.nbytes
-        g.min_version = min(g.min_version, int(versions.min()))
-        self.rows += batch.num_rows
-        self.mem_bytes += batch.nbytes
-        self.put_rows_total += batch.num_rows
-        for eid, new in views.items():
-            old = g.episodes.get(eid)
-            g.complete_episodes += int(new.complete()) - int(old is not None and old.complete())
-            g.episodes[eid] = new
-        if not g.complete and g.complete_episodes == g.size:
-            g.complete = True
-            self._ready.append(g.group_id)
-            self.n_ready += 1
-        return batch.num_rows
 
     # -- get --------------------------------------------------------------------------------
     def observe_version(self, current_version: int) -> int:
@@ -400,6 +352,8 @@ class ReplayStore:
     def _discard(self, g: _Group) -> None:
         del self._groups[g.group_id]
         self._retired.add(g.group_id)
+        for eid in g.episodes:
+            del self._eps[eid]
         if g.complete:
             self.n_ready -= 1
         self.rows -= g.rows
@@ -443,7 +397,7 @@ class ReplayStore:
                 self._spill_dir.mkdir(parents=True, exist_ok=True)
         self._spill_seq += 1
         path = self._spill_dir / f"{self._spill_prefix}-g{g.group_id}-{self._spill_seq}.arrow"
-        _write_ipc(path, g.chunks)
+        write_ipc_file(path, g.chunks, S.TRANSITION_SCHEMA)
         rows, nbytes = sum(b.num_rows for b in g.chunks), g.mem_bytes
         g.files.append(_SpillFile(path, rows, nbytes))
         g.chunks, g.mem_bytes = [], 0
@@ -455,86 +409,32 @@ class ReplayStore:
         """A group's rows in arrival order (spilled files are read, not removed)."""
         out = []
         for f in g.files:
-            out += _read_ipc(f.path)
+            out += read_ipc_file(f.path, S.TRANSITION_SCHEMA)
         return out + g.chunks
 
     def close(self) -> None:
         """Delete spill files (and the spill directory if the store created it)."""
-        for g in self._groups.values():
-            for f in g.files:
-                f.path.unlink(missing_ok=True)
+        self._clear()
         if self._spill_dir is not None and self._spill_dir_arg is None:
             shutil.rmtree(self._spill_dir, ignore_errors=True)
 
-    # -- snapshot / restore -----------------------------------------------------------------
+    # -- snapshot / restore (common.replay.snapshot) -------------------------------------------
     def snapshot(self, path: str | os.PathLike) -> dict[str, Any]:
-        """Write contents (Arrow IPC, ``rows.arrow``) and state + counters (JSON, ``state.json``) to directory ``path``.
+        """Write contents (Arrow IPC) and state + counters (JSON) to directory ``path``; returns the JSON state."""
+        from common.replay.snapshot import write_snapshot
 
-        Files are written under temporary names and renamed, the JSON last; returns the JSON state.
-        """
-        d = Path(path)
-        d.mkdir(parents=True, exist_ok=True)
-        _write_ipc(d / (SNAPSHOT_ROWS + ".tmp"), (b for g in self._groups.values()
-                                                   for b in self._group_batches(g)))
-        os.replace(d / (SNAPSHOT_ROWS + ".tmp"), d / SNAPSHOT_ROWS)
-        state = {
-            "format": SNAPSHOT_FORMAT,
-            "rows": self.rows,
-            "groups": list(self._groups),
-            "ready": [i for i in self._ready if i in self._groups and self._groups[i].complete],
-            "retired": sorted(self._retired),
-            "learner_version": self.learner_version,
-            "counters": {name: getattr(self, name) for name in _COUNTERS},
-            "config": {"capacity_rows": self.capacity_rows, "capacity_bytes": self.capacity_bytes,
-                       "max_policy_lag": self.max_policy_lag, "stale_mode": self.stale_mode,
-                       "stale_decay": self.stale_decay, "memory_bytes": self.memory_bytes},
-            "schema": S.TRANSITION_SCHEMA.to_string(show_schema_metadata=False),
-        }
-        tmp = d / (SNAPSHOT_STATE + ".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, d / SNAPSHOT_STATE)
-        return state
+        return write_snapshot(self, path)
 
     def restore(self, path: str | os.PathLike) -> int:
-        """Load a snapshot written by ``snapshot`` into this (empty) store; return the rows loaded.
+        """Load a snapshot into this empty store (this store's config applies); return the rows loaded."""
+        from common.replay.snapshot import load_snapshot
 
-        This store's configuration (capacity, bound, mode) applies, not the snapshot's. Row versions
-        come from the snapshot, so the lag check at the next ``take`` uses them against the version
-        the learner passes then.
-        """
-        if self._groups:
-            raise RuntimeError(f"restore needs an empty queue; this one holds {len(self._groups)} groups")
-        d = Path(path)
-        state = json.loads((d / SNAPSHOT_STATE).read_text())
-        if state.get("format") != SNAPSHOT_FORMAT:
-            raise ValueError(f"{d}: not a replay-queue snapshot (format {state.get('format')!r})")
-        if state["config"]["max_policy_lag"] != self.max_policy_lag:
-            log.warning("restoring a snapshot taken with max_policy_lag=%s under max_policy_lag=%s",
-                        state["config"]["max_policy_lag"], self.max_policy_lag)
-        self._retired, self.learner_version = set(), None
-        for batch in _read_ipc(d / SNAPSHOT_ROWS):  # one group per batch, in the snapshot's arrival order
-            self.commit(self.prepare(batch))
-        complete = {i for i, g in self._groups.items() if g.complete}
-        if self.rows != state["rows"] or list(self._groups) != state["groups"] or complete != set(state["ready"]):
-            self._groups, self._ready, self.n_ready, self.rows, self.mem_bytes, self.disk_bytes = {}, deque(), 0, 0, 0, 0
-            raise ValueError(f"{d}: rows.arrow and state.json disagree; the snapshot is damaged")
-        self._ready = deque(state["ready"])
-        self._retired = set(state["retired"])
-        self.learner_version = state["learner_version"]
-        for name in _COUNTERS:
-            setattr(self, name, state["counters"].get(name, 0))
-        return self.rows
+        return load_snapshot(self, path)
 
-
-def _write_ipc(path: Path, batches: Iterable[pa.RecordBatch]) -> None:
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, S.TRANSITION_SCHEMA) as writer:
-        for b in batches:
-            writer.write_batch(b)
-
-
-def _read_ipc(path: Path) -> list[pa.RecordBatch]:
-    with pa.OSFile(str(path), "rb") as source:
-        reader = pa.ipc.open_file(source)
-        if not reader.schema.equals(S.TRANSITION_SCHEMA, check_metadata=False):
-            raise TypeError(f"{path}: schema differs from common.schema.TRANSITION_SCHEMA")
-        return [reader.get_batch(i) for i in range(reader.num_record_batches)]
+    def _clear(self) -> None:
+        """Forget all contents (not the counters), deleting spill files."""
+        for g in self._groups.values():
+            for f in g.files:
+                f.path.unlink(missing_ok=True)
+        self._groups, self._eps, self._ready, self.n_ready = {}, {}, deque(), 0
+        self.rows = self.mem_bytes = self.disk_bytes = 0

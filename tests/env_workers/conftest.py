@@ -1,8 +1,10 @@
-"""Shared fixtures: one default-size demo encyclopedia and its BM25 index per test session."""
+"""Shared fixtures: one default-size demo encyclopedia and its BM25 index per test session,
+and the suite's local Ray for the tests that need real actors."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -32,3 +34,9 @@ def demo_index(demo_paths: dict[str, Path]) -> BM25Index:
 @pytest.fixture(scope="session")
 def demo_index_dir(demo_index: BM25Index, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return demo_index.save(tmp_path_factory.mktemp("index"))
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_local: Any) -> Any:
+    """The suite's local Ray (tests/conftest.py ``ray_local``), shared with the other packages."""
+    return ray_local

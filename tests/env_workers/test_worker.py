@@ -10,8 +10,6 @@ import pytest
 from env_workers.demo_data import load_questions
 from env_workers.worker import EnvWorker
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 
 def search(query: str) -> str:
     return "<reasoning>r</reasoning><tool>" + json.dumps({"name": "wiki_search", "args": {"query": query}}) + "</tool>"
@@ -53,22 +51,15 @@ def test_worker_rejects_bad_env_kwargs(demo_index_dir: Path) -> None:
         EnvWorker(str(demo_index_dir), {"no_such_option": 1})
 
 
-def test_worker_as_ray_actor(demo_index_dir: Path, questions: list[dict]) -> None:
-    ray = pytest.importorskip("ray")
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
-    try:
-        actor = ray.remote(EnvWorker).remote(str(demo_index_dir), {"max_turns": 2})
-        q = questions[0]
-        prompts = ray.get(actor.reset.remote(["e1"], [q]))
-        assert prompts[0][1]["content"] == q["question"]
-        [r1] = ray.get(actor.step.remote(["e1"], [search(q["chain"][0])]))
-        assert not r1.done and r1.info["tool_success"] and q["chain"][0] in r1.observation_text
-        [r2] = ray.get(actor.step.remote(["e1"], [f"<reasoning>r</reasoning><answer>{q['answers'][0]}</answer>"]))
-        assert r2.done and r2.outcome_reward["exact_match"] == 1.0
-        assert ray.get(actor.num_live.remote()) == 0
-    finally:
-        if started_here:
-            ray.shutdown()
+def test_worker_as_ray_actor(demo_index_dir: Path, questions: list[dict], ray_session) -> None:
+    ray = ray_session
+    actor = ray.remote(EnvWorker).options(num_cpus=0).remote(str(demo_index_dir), {"max_turns": 2})
+    q = questions[0]
+    prompts = ray.get(actor.reset.remote(["e1"], [q]))
+    assert prompts[0][1]["content"] == q["question"]
+    [r1] = ray.get(actor.step.remote(["e1"], [search(q["chain"][0])]))
+    assert not r1.done and r1.info["tool_success"] and q["chain"][0] in r1.observation_text
+    [r2] = ray.get(actor.step.remote(["e1"], [f"<reasoning>r</reasoning><answer>{q['answers'][0]}</answer>"]))
+    assert r2.done and r2.outcome_reward["exact_match"] == 1.0
+    assert ray.get(actor.num_live.remote()) == 0
+    ray.kill(actor)

@@ -1,0 +1,188 @@
+"""Moving policy weights from the learner to the generators, in buckets.
+
+Two transports, one bucket layout (a flat byte buffer + a table of tensors in it):
+
+* **Ray object store (CPU, any cluster)** -- :func:`pack_buckets` turns a state dict into
+  :class:`PackedBucket` objects whose payload is one ``uint8`` numpy array. ``ray.put``
+  copies it into shared memory once; every generator on the node maps it zero-copy
+  (numpy arrays are read from the object store without a copy) and copies it straight
+  into its parameters (:func:`apply_bucket`). A plain dict of torch tensors, the old
+  format, is still accepted everywhere.
+* **torch.distributed broadcast (NCCL on GPU, gloo on CPU for tests)** --
+  :class:`WeightGroup` is a process group of its own (a ``TCPStore`` + a backend
+  process group, independent of any default group the learner already has, e.g.
+  DeepSpeed's). The learner (rank 0) calls :meth:`WeightGroup.send`; each generator
+  (rank 1..n) calls :meth:`WeightGroup.recv` with the bucket table (:func:`plan_buckets`,
+  sent through Ray) and gets the same :class:`PackedBucket` objects back, filled.
+
+Tensors that share storage (tied input/output embeddings) travel once; the table
+lists the other names as aliases.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
+                               torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    dtype: str  # str(torch.dtype), e.g. "torch.bfloat16"
+    shape: tuple[int, ...]
+    offset: int  # byte offset in the bucket buffer
+    nbytes: int
+    aliases: tuple[str, ...] = ()  # other state-dict names of the same tensor (tied weights)
+
+
+@dataclass
+class PackedBucket:
+    specs: list[TensorSpec]
+    nbytes: int
+    data: np.ndarray | None = None  # uint8 [nbytes]; None in a plan (metadata only)
+    extra: dict = field(default_factory=dict)
+
+    def tensors(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """Views of the tensors in ``data`` (read-only memory when it came from the object store)."""
+        buf = torch.from_numpy(self.data) if isinstance(self.data, np.ndarray) else self.data
+        out = {}
+        for s in self.specs:
+            t = buf[s.offset:s.offset + s.nbytes].view(_DTYPES[s.dtype]).view(s.shape)
+            for name in (s.name, *s.aliases):
+                out[name] = t
+        return out
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor, tuple[str, ...]]]:
+    seen: dict[tuple[int, int, tuple[int, ...]], int] = {}
+    items: list[tuple[str, torch.Tensor, list[str]]] = []
+    for name, t in state.items():
+        key = (t.data_ptr(), t.numel(), tuple(t.shape)) if t.numel() else None
+        if key is not None and key in seen:
+            items[seen[key]][2].append(name)
+            continue
+        if key is not None:
+            seen[key] = len(items)
+        items.append((name, t, []))
+    return [(n, t, tuple(a)) for n, t, a in items]
+
+
+def plan_buckets(state: dict[str, torch.Tensor], bucket_bytes: int) -> list[PackedBucket]:
+    """The bucket table of a state dict (no data): what a receiver needs to allocate and unpack."""
+    plans: list[PackedBucket] = [PackedBucket([], 0)]
+    for name, t, aliases in _dedupe(state):
+        nbytes = t.numel() * t.element_size()
+        cur = plans[-1]
+        if cur.specs and cur.nbytes + nbytes > bucket_bytes:
+            cur = PackedBucket([], 0)
+            plans.append(cur)
+        off = -(-cur.nbytes // 16) * 16  # 16-byte aligned views
+        cur.specs.append(TensorSpec(name, str(t.dtype), tuple(t.shape), off, nbytes, aliases))
+        cur.nbytes = off + nbytes
+    return [p for p in plans if p.specs]
+
+
+def pack_buckets(state: dict[str, torch.Tensor], bucket_bytes: int) -> list[PackedBucket]:
+    """Copy a state dict (any device) into CPU byte buffers, bucket by bucket."""
+    out = []
+    for plan in plan_buckets(state, bucket_bytes):
+        data = np.empty(plan.nbytes, dtype=np.uint8)
+        buf = torch.from_numpy(data)
+        for s in plan.specs:
+            t = state[s.name].detach()
+            buf[s.offset:s.offset + s.nbytes].copy_(t.contiguous().view(-1).view(torch.uint8))
+        out.append(PackedBucket(plan.specs, plan.nbytes, data))
+    return out
+
+
+def put_buckets(state: dict[str, torch.Tensor], bucket_bytes: int) -> list:
+    """Learner side of the object-store path: pack and ``ray.put`` each bucket; return the refs."""
+    import ray
+
+    return [ray.put(b) for b in pack_buckets(state, bucket_bytes)]
+
+
+def apply_bucket(params: dict[str, torch.Tensor], bucket: PackedBucket | dict[str, torch.Tensor]) -> int:
+    """Copy one bucket into ``params`` (name -> parameter/buffer tensor) in place; return tensors copied."""
+    tensors = bucket.tensors() if isinstance(bucket, PackedBucket) else bucket
+    unknown = [n for n in tensors if n not in params]
+    if unknown:
+        raise KeyError(f"weight update has unknown tensors: {unknown[:5]}")
+    with torch.no_grad():
+        done: set[int] = set()
+        for name, src in tensors.items():
+            dst = params[name]
+            if dst.data_ptr() in done:  # tied weight already written
+                continue
+            if dst.shape != src.shape:
+                raise ValueError(f"weight update: {name} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+            dst.copy_(src, non_blocking=True)
+            done.add(dst.data_ptr())
+    return len(tensors)
+
+
+class WeightGroup:
+    """A dedicated torch.distributed group: rank 0 = learner, ranks 1..n = generators.
+
+    ``backend``: "nccl" (GPU tensors, the production path) or "gloo" (CPU; tests).
+    Every member must construct it (it blocks until all have joined).
+    """
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, backend: str = "nccl",
+                 timeout_s: float = 600.0, device: str | None = None):
+        import torch.distributed as dist
+
+        self.rank, self.world_size, self.backend = rank, world_size, backend
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout, wait_for_workers=False)
+        prefixed = dist.PrefixStore("turnrl_weights", self.store)
+        if backend == "nccl":
+            if not torch.cuda.is_available() or not hasattr(dist, "ProcessGroupNCCL"):
+                raise RuntimeError("the nccl weight group needs CUDA and a torch build with NCCL")
+            self.device = torch.device(device or f"cuda:{torch.cuda.current_device()}")
+            self.pg = dist.ProcessGroupNCCL(prefixed, rank, world_size)
+        elif backend == "gloo":
+            self.device = torch.device(device or "cpu")
+            self.pg = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+        else:
+            raise ValueError(f"weight group backend {backend!r}: use 'nccl' or 'gloo'")
+
+    def _broadcast(self, t: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        self.pg.broadcast([t], opts).wait()
+
+    def send(self, state: dict[str, torch.Tensor], bucket_bytes: int) -> list[PackedBucket]:
+        """Rank 0: broadcast ``state`` bucket by bucket; return the plan (give it to the receivers first)."""
+        plans = plan_buckets(state, bucket_bytes)
+        for plan in plans:
+            buf = torch.empty(plan.nbytes, dtype=torch.uint8, device=self.device)
+            for s in plan.specs:
+                t = state[s.name].detach().to(self.device)
+                buf[s.offset:s.offset + s.nbytes].copy_(t.contiguous().view(-1).view(torch.uint8))
+            self._broadcast(buf)
+        return plans
+
+    def recv(self, plans: list[PackedBucket]) -> list[PackedBucket]:
+        """Ranks 1..n: receive the buckets described by ``plans`` (from :func:`plan_buckets`)."""
+        out = []
+        for plan in plans:
+            buf = torch.empty(plan.nbytes, dtype=torch.uint8, device=self.device)
+            self._broadcast(buf)
+            out.append(PackedBucket(plan.specs, plan.nbytes, buf))
+        return out
+
+    def close(self) -> None:
+        self.pg = None
+        self.store = None

@@ -1,0 +1,201 @@
+"""Cluster plumbing for the driver: placement, the learner rendezvous, restarts, Prometheus discovery.
+
+- :func:`check_placement` rejects impossible placements before Ray starts.
+- :class:`Placement` reserves one placement-group bundle per learner rank (``placement.learner_strategy``,
+  PACK by default so the data-parallel group stays on as few nodes as possible). Generators get
+  GPUs of their own by default: the learner's GPUs are reserved by the group, so Ray places
+  generators elsewhere. With ``placement.colocate`` generator ``i`` is scheduled into learner rank
+  ``i``'s bundle and shares its GPU (fractional ``num_gpus``).
+- :meth:`Placement.rendezvous` finds the address and a free port on rank 0's node for
+  ``torch.distributed`` (loopback when every rank sits on one node).
+- :class:`RestartCounter` reads Ray's restart count of the run's actors from the GCS.
+- :class:`PrometheusTargets` writes the run's ``/metrics`` endpoint as a Prometheus ``file_sd``
+  target file, so ``deploy/prometheus/prometheus.yml`` finds every run on any node.
+
+Ray is imported inside the functions: ``check_placement`` and ``learner_bundles`` are plain.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from common import metrics as M
+from common.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def check_placement(cfg: Config) -> None:
+    """Cross-section placement rules; each error names the fields, the values and the rule."""
+    lc, g, pc = cfg.learner, cfg.generators, cfg.placement
+    if lc.num_cpus <= 0 and lc.num_gpus <= 0:
+        raise ConfigError(f"config fields `learner.num_cpus` = {lc.num_cpus!r} and `learner.num_gpus` = "
+                          f"{lc.num_gpus!r}: a learner rank must reserve some CPU or GPU (its placement bundle)")
+    if lc.num_gpus > 1 and lc.num_gpus != int(lc.num_gpus):
+        raise ConfigError(f"config field `learner.num_gpus` = {lc.num_gpus!r}: must be <= 1 or a whole number")
+    if not pc.colocate:
+        return
+    if g.num > lc.num_ranks:
+        raise ConfigError(f"config field `generators.num` = {g.num!r}: with placement.colocate each generator "
+                          f"shares one learner rank's bundle, so it must be <= learner.num_ranks ({lc.num_ranks})")
+    if lc.num_gpus > 0 and g.num_gpus > 0 and lc.num_gpus + g.num_gpus > 1 + 1e-9:
+        raise ConfigError(f"config fields `learner.num_gpus` = {lc.num_gpus!r} and `generators.num_gpus` = "
+                          f"{g.num_gpus!r}: with placement.colocate a generator and a learner rank share one GPU, "
+                          "so the two must add up to at most 1 (e.g. 0.5 each)")
+
+
+def learner_bundles(cfg: Config) -> list[dict[str, float]]:
+    """One bundle per learner rank; with colocation, generator ``i``'s resources join bundle ``i``."""
+    lc, g = cfg.learner, cfg.generators
+    bundles = []
+    for r in range(lc.num_ranks):
+        cpus, gpus = lc.num_cpus, lc.num_gpus
+        if cfg.placement.colocate and r < g.num:
+            cpus, gpus = cpus + g.num_cpus, gpus + g.num_gpus
+        bundles.append({k: float(v) for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0})
+    return bundles
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _node_endpoint() -> tuple[str, int]:
+    import ray
+
+    return ray.util.get_node_ip_address(), _free_port()
+
+
+class Placement:
+    """The learner's placement group and where every role is scheduled."""
+
+    def __init__(self, cfg: Config, name: str):
+        import ray
+        from ray.util.placement_group import placement_group
+
+        self.cfg = cfg
+        self.bundles = learner_bundles(cfg)
+        strategy = cfg.placement.learner_strategy
+        self.pg = placement_group(self.bundles, strategy=strategy, name=f"turnrl-learner-{name}")
+        ready, _ = ray.wait([self.pg.ready()], timeout=cfg.placement.timeout_s)
+        if not ready:
+            ray.util.remove_placement_group(self.pg)
+            raise RuntimeError(
+                f"placement group for {cfg.learner.num_ranks} learner rank(s) ({strategy}, bundles {self.bundles}) "
+                f"was not placed within placement.timeout_s={cfg.placement.timeout_s:g}s; cluster total "
+                f"{ray.cluster_resources()}, available {ray.available_resources()}")
+        log.info("learner placement group ready: %d bundle(s) %s, strategy %s, colocate=%s",
+                 len(self.bundles), self.bundles, strategy, cfg.placement.colocate)
+
+    def _bundle(self, index: int) -> Any:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=index)
+
+    def learner_options(self, rank: int) -> dict[str, Any]:
+        lc = self.cfg.learner
+        return {"num_cpus": lc.num_cpus, "num_gpus": lc.num_gpus, "scheduling_strategy": self._bundle(rank)}
+
+    def generator_options(self, index: int) -> dict[str, Any]:
+        """Extra ``.options`` for generator ``index``: its learner bundle when colocated, else nothing."""
+        return {"scheduling_strategy": self._bundle(index)} if self.cfg.placement.colocate else {}
+
+    def rendezvous(self) -> tuple[str, int]:
+        """``(MASTER_ADDR, MASTER_PORT)`` for the data-parallel group, found on rank 0's node."""
+        import ray
+        from ray.util.placement_group import placement_group_table
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        nodes = placement_group_table(self.pg)["bundles_to_node_id"]
+        probe = ray.remote(_node_endpoint).options(
+            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[0], soft=False))
+        ip, port = ray.get(probe.remote())
+        addr = "127.0.0.1" if len(set(nodes.values())) == 1 else ip
+        log.info("learner rendezvous at %s:%d (%d node(s))", addr, port, len(set(nodes.values())))
+        return addr, port
+
+    def remove(self) -> None:
+        import ray
+
+        try:
+            ray.util.remove_placement_group(self.pg)
+        except Exception as e:  # noqa: BLE001 - best effort at shutdown
+            log.debug("could not remove the placement group: %s", e)
+
+
+class RestartCounter:
+    """Ray's restart count (``NumRestarts`` in the GCS actor table) of the run's actors, by role."""
+
+    def __init__(self, roles: dict[str, list[Any]]):
+        self.ids = {role: [h._actor_id.hex() for h in handles] for role, handles in roles.items()}
+        self._warned = False
+
+    def sample(self) -> dict[str, float]:
+        try:
+            from ray._private import state
+
+            counts = {}
+            for role, ids in self.ids.items():
+                counts[role] = float(sum(int(state.actors(actor_id=a).get("NumRestarts", 0)) for a in ids))
+        except Exception as e:  # noqa: BLE001 - a private API; metrics must never stop training
+            if not self._warned:
+                log.warning("actor restart counts unavailable: %s", e)
+                self._warned = True
+            return {}
+        out = {M.ACTOR_RESTARTS_ROLE.format(role=r): v for r, v in counts.items()}
+        out[M.ACTOR_RESTARTS] = sum(counts.values())
+        return out
+
+
+def advertised_host(host: str, advertise: str | None) -> str:
+    """The host Prometheus should dial: ``advertise``, else ``host``, else this node's IP for 0.0.0.0."""
+    if advertise:
+        return advertise
+    if host in ("0.0.0.0", "::", ""):
+        try:
+            import ray
+
+            return ray.util.get_node_ip_address()
+        except Exception:  # noqa: BLE001
+            return socket.gethostbyname(socket.gethostname())
+    return host
+
+
+class PrometheusTargets:
+    """``<run_dir>/prometheus_targets.json`` and, while the run lives, ``<discovery_dir>/<run>.json``.
+
+    Both hold one Prometheus ``file_sd`` entry: ``[{"targets": ["host:port"], "labels": {"run": ...}}]``.
+    The discovery copy is written atomically (Prometheus watches the folder) and removed at close.
+    """
+
+    def __init__(self, run_dir: Path, host: str, port: int, *, discovery_dir: str | None,
+                 advertise: str | None = None):
+        self.run = run_dir.name
+        entry = [{"targets": [f"{advertised_host(host, advertise)}:{port}"],
+                  "labels": {"run": self.run, "service": "turnrl"}}]
+        text = json.dumps(entry, indent=1) + "\n"
+        (run_dir / "prometheus_targets.json").write_text(text)
+        self.path: Path | None = None
+        if discovery_dir:
+            d = Path(discovery_dir)
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+                tmp = d / f".{self.run}.{os.getpid()}.tmp"
+                tmp.write_text(text)
+                tmp.replace(d / f"{self.run}.json")
+                self.path = d / f"{self.run}.json"
+                log.info("Prometheus target %s written to %s", entry[0]["targets"][0], self.path)
+            except OSError as e:
+                log.warning("could not write the Prometheus target file in %s: %s", d, e)
+
+    def close(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None

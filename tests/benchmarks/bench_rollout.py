@@ -1,0 +1,243 @@
+"""Multi-turn rollout throughput: the session engine vs. HF ``generate`` re-prefilling every turn.
+
+Workload (identical for every method): ``questions x group`` episodes (GRPO groups: the
+``group`` copies of a question share the prompt) run ``turns`` assistant turns each. A turn
+samples (temperature 1) until a stop token or ``max_tokens_per_turn``; between turns a
+search-result observation (a demo-corpus passage, truncated like the env does, glued
+with the model's chat template) is appended. Prompts are the demo questions rendered
+with the chat template and the short system prompt of deploy/configs/local.yaml; without
+data/demo they are synthetic.
+
+Models: the embedded policy (deploy/warmstart if its weights are present, else the same
+Qwen2 architecture with random weights and the warm-start tokenizer) and a ~100M-parameter
+Qwen2 config with random weights. With random weights an action never emits ``</tool>``,
+so a set of ``stop_tokens`` token ids plays that role (about 1/24 of the probability
+mass per step: ~24-token actions, like the demo policy's), for every method alike.
+
+Methods (each in the same process, interleaved, best of ``--repeats``):
+* ``naive``: per turn, one left-padded batch of every live episode's *full* history through
+  ``model.generate`` (the whole conversation prefilled again every turn);
+* ``session``: :meth:`HFEngine.generate_turns` (KV kept across turns, only new tokens
+  prefilled, group prompts prefilled once, rows leave the batch when they stop).
+
+Action tokens/s = sampled action tokens / wall seconds. The last line is the headline:
+``bench_rollout ratio: X`` = session / naive on the embedded model, multi-turn workload.
+
+    .venv/bin/python tests/benchmarks/bench_rollout.py            # both models (~5 min on 2 cores)
+    .venv/bin/python tests/benchmarks/bench_rollout.py --quick    # embedded model only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from actors.engine import HFEngine, Request, SamplingParams  # noqa: E402
+from common.modeling import build_demo_model, load_tokenizer, observation_glue  # noqa: E402
+
+log = logging.getLogger("bench_rollout")
+SYSTEM = "Use the wiki_search tool in <tool> tags to search Wikipedia, then answer in <answer> tags."
+
+
+def load_workload(tok, questions: int, turns: int, seed: int) -> tuple[list[list[dict]], list[list[str]]]:
+    """Prompt messages per question, observation texts per question and turn."""
+    rnd = random.Random(seed)
+    qs, passages = [], []
+    demo = REPO / "data/demo"
+    if (demo / "train.parquet").is_file() and (demo / "corpus.parquet").is_file():
+        import pyarrow.parquet as pq
+
+        qs = pq.read_table(demo / "train.parquet", columns=["question"]).column("question").to_pylist()
+        corpus = pq.read_table(demo / "corpus.parquet", columns=["title", "text"]).to_pylist()
+        passages = [f"{r['title']}: {r['text']}" for r in corpus]
+    if not qs:  # synthetic fallback
+        names = ["Karo Velmin", "Lovu Zibak", "Ralomek", "Zipafen", "Vononal"]
+        qs = [f"Where is {rnd.choice(names)} {i} from?" for i in range(100)]
+        passages = [f"{rnd.choice(names)} is a baker from {rnd.choice(names)}. Born in {1800 + i}." * 3
+                    for i in range(100)]
+    picked = rnd.sample(qs, questions)
+    msgs = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in picked]
+    obs = [[f"<result>{rnd.choice(passages)[:400]}</result>" for _ in range(turns)] for _ in picked]
+    return msgs, obs
+
+
+class Episodes:
+    """Token histories of the episodes; observations appended through the chat template glue."""
+
+    def __init__(self, tok, msgs, obs, group: int):
+        self.tok = tok
+        self.msgs = [m for m in msgs for _ in range(group)]
+        self.obs = [o for o in obs for _ in range(group)]
+        self.hist = []
+        for m in self.msgs:
+            text = tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+            self.hist.append(tok.encode(text, add_special_tokens=False))
+        self.glue_cache: dict[tuple[int, int], list[int]] = {}
+
+    def extend(self, i: int, turn: int, action: list[int]) -> None:
+        key = (i, turn)
+        if key not in self.glue_cache:  # the same glue for every method (text of the action unused)
+            glue = observation_glue(self.tok, self.msgs[i], "ACTION", self.obs[i][turn], False)
+            self.glue_cache[key] = self.tok.encode(glue, add_special_tokens=False)
+        self.hist[i] = self.hist[i] + action + self.glue_cache[key]
+
+
+@torch.no_grad()
+def run_naive(model, tok, ep: Episodes, turns: int, cap: int, stops: list[int], seed: int) -> int:
+    torch.manual_seed(seed)
+    pad = tok.pad_token_id
+    n = 0
+    for t in range(turns):
+        hist = ep.hist
+        width = max(len(h) for h in hist)
+        ids = torch.tensor([[pad] * (width - len(h)) + h for h in hist])
+        mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(h) for h in hist])[:, None]).long()
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=cap, do_sample=True, temperature=1.0,
+                             top_k=0, top_p=1.0, eos_token_id=stops, pad_token_id=pad)
+        for i in range(len(hist)):
+            action = out[i, width:].tolist()
+            for k, tkn in enumerate(action):  # cut after the first stop (the rest is padding)
+                if tkn in stops:
+                    action = action[:k + 1]
+                    break
+            n += len(action)
+            if t + 1 < turns:
+                ep.extend(i, t, action)
+    return n
+
+
+def run_session(engine: HFEngine, ep: Episodes, turns: int, cap: int, seed: int, tag: str) -> int:
+    params = SamplingParams(temperature=1.0, max_new_tokens=cap)
+    n = 0
+    sids = [f"{tag}/{i}" for i in range(len(ep.hist))]
+    for t in range(turns):
+        outs = engine.generate_turns([Request(s, h, params, seed=seed * 1000 + i * 10 + t)
+                                      for i, (s, h) in enumerate(zip(sids, ep.hist))])
+        for i, o in enumerate(outs):
+            n += len(o.token_ids)
+            if t + 1 < turns:
+                ep.extend(i, t, o.token_ids)
+    engine.free(sids)
+    return n
+
+
+def run_streaming(engine: HFEngine, ep: Episodes, turns: int, cap: int, seed: int, tag: str) -> int:
+    """Continuous batching across turns: an episode's next turn joins as soon as its last one ends."""
+    params = SamplingParams(temperature=1.0, max_new_tokens=cap)
+    sids = [f"{tag}/{i}" for i in range(len(ep.hist))]
+    index = {s: i for i, s in enumerate(sids)}
+    turn = [0] * len(sids)
+    engine.submit([Request(s, h, params, seed=seed * 1000 + i * 10) for i, (s, h) in enumerate(zip(sids, ep.hist))])
+    n = 0
+    while engine.has_work():
+        nxt = []
+        for o in engine.step():
+            i = index[o.session_id]
+            n += len(o.token_ids)
+            if turn[i] + 1 < turns:  # the env step is instantaneous here
+                ep.extend(i, turn[i], o.token_ids)
+                turn[i] += 1
+                nxt.append(Request(sids[i], ep.hist[i], params, seed=seed * 1000 + i * 10 + turn[i]))
+        engine.submit(nxt)
+    engine.free(sids)
+    return n
+
+
+def bench(name: str, model, tok, *, questions: int, group: int, turns: int, cap: int, repeats: int,
+          stop_tokens: int, seed: int = 0) -> dict:
+    model.eval()
+    msgs, obs = load_workload(tok, questions, turns, seed)
+    vocab = model.config.vocab_size
+    rnd = random.Random(seed + 1)
+    special = set(tok.all_special_ids)
+    stops = [tok.convert_tokens_to_ids("</tool>"), tok.convert_tokens_to_ids("</answer>"), tok.eos_token_id]
+    stops = [s for s in stops if isinstance(s, int) and s >= 0]
+    pool = [i for i in range(vocab) if i not in special and i not in stops]
+    stops += rnd.sample(pool, stop_tokens)
+    engine = HFEngine(model, tok)
+    engine.eos_ids = set(stops)
+    res = {"naive": [], "session": [], "streaming": []}
+    run_session(engine, Episodes(tok, msgs[:1], obs[:1], 2), 2, 4, 0, "warm")  # warm-up
+    run_naive(model, tok, Episodes(tok, msgs[:1], obs[:1], 2), 2, 4, stops, 0)
+    for r in range(repeats):
+        for method in ("naive", "session", "streaming") if r % 2 == 0 else ("streaming", "session", "naive"):
+            ep = Episodes(tok, msgs, obs, group)
+            t0 = time.perf_counter()
+            if method == "naive":
+                n = run_naive(model, tok, ep, turns, cap, stops, seed + r)
+            elif method == "session":
+                n = run_session(engine, ep, turns, cap, seed + r, f"r{r}")
+            else:
+                n = run_streaming(engine, ep, turns, cap, seed + r, f"s{r}")
+            dt = time.perf_counter() - t0
+            res[method].append((n / dt, n, dt))
+            log.info("%s %-7s repeat %d: %d action tokens in %.2f s = %.1f tok/s", name, method, r, n, dt, n / dt)
+    best = {m: max(v[0] for v in res[m]) for m in res}
+    ratios = [max(s[0], c[0]) / nv[0] for s, c, nv in zip(res["session"], res["streaming"], res["naive"])]
+    params = sum(p.numel() for p in model.parameters())
+    ep = Episodes(tok, msgs, obs, group)
+    out = {
+        "name": name, "params": params, "episodes": questions * group, "questions": questions, "group": group,
+        "turns": turns, "max_tokens_per_turn": cap, "prompt_tokens_mean": statistics.mean(len(h) for h in ep.hist),
+        "naive_tok_s": round(best["naive"], 1), "session_tok_s": round(best["session"], 1),
+        "streaming_tok_s": round(best["streaming"], 1),
+        "ratio_session": round(best["session"] / best["naive"], 2),
+        "ratio_best": round(max(best["session"], best["streaming"]) / best["naive"], 2),
+        "ratio_median_pairs": round(statistics.median(ratios), 2),
+        "engine_stats": engine.session_stats(),
+    }
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="embedded model only")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--turns", type=int, default=4)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
+    warm = REPO / "deploy/warmstart"
+    tok = load_tokenizer(warm)
+    if (warm / "config.json").is_file():
+        from common.modeling import load_model
+
+        small, small_name = load_model(warm), "warmstart"
+    else:
+        small, small_name = build_demo_model(len(tok), seed=0), "warmstart-arch(random)"
+    results = [
+        bench(small_name, small, tok, questions=8, group=8, turns=args.turns, cap=48, repeats=args.repeats,
+              stop_tokens=max(1, len(tok) // 24)),
+        bench(small_name, small, tok, questions=8, group=8, turns=2, cap=48, repeats=args.repeats,
+              stop_tokens=max(1, len(tok) // 24)),
+    ]
+    if not args.quick:
+        big = build_demo_model(len(tok), hidden=768, layers=12, heads=12, kv_heads=2, intermediate=3072,
+                               max_positions=2048, seed=0)
+        results.append(bench("qwen2-100M(random)", big, tok, questions=2, group=4, turns=3, cap=16,
+                             repeats=max(1, args.repeats - 1), stop_tokens=max(1, len(tok) // 24)))
+    for r in results:
+        print(f"{r['name']:>24} params={r['params'] / 1e6:.1f}M episodes={r['episodes']} turns={r['turns']}: "
+              f"naive {r['naive_tok_s']} tok/s, session {r['session_tok_s']} tok/s (x{r['ratio_session']}), "
+              f"streaming {r['streaming_tok_s']} tok/s; best x{r['ratio_best']} (median of pairs x{r['ratio_median_pairs']})")
+    print(f"bench_rollout ratio: {results[0]['ratio_best']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""A 2-rank DeepSpeed learner (gloo on CPU, one Ray actor per rank) equals a 1-rank learner.
+
+Same tiny policy, same hand-built Arrow table of complete groups, same global batch. Each
+rank trains on its shard ``idx[rank::world]`` with the loss normalised by the global token
+count, so after DeepSpeed's gradient all-reduce (an average over ranks) the gradients, the
+update and the diagnostics must equal those of one rank that sees the whole batch.
+
+Adam's first steps are nearly sign(gradient), blind to a wrong gradient scale, so under ZeRO
+stage 0 the test also captures the all-reduced gradients right before each optimizer step;
+under ZeRO-1/2/3 the gradient norm DeepSpeed reports plays that role.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import socket
+
+import pyarrow as pa
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from common import metrics as M
+from common import schema as S
+from common.config import load_config
+from learner.worker import LearnerWorker
+
+GROUPS, G = 2, 4  # 8 episodes of 2 turns; micro-batches of 2 -> 4 micro-steps (1 rank), 2 per rank (2 ranks)
+DIAGS = (M.LOSS, M.KL, M.CLIP_FRAC, M.ENTROPY)
+
+
+class GradProbe(LearnerWorker):
+    """LearnerWorker that records the (all-reduced, clipped) gradients at every optimizer step (ZeRO-0)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.grads: list[dict[str, torch.Tensor]] = []
+        if self.lcfg["zero_stage"] == 0:
+            opt, step = self.engine.optimizer, self.engine.optimizer.step
+
+            def probed(*a, **kw):
+                self.grads.append({n: p.grad.detach().clone() for n, p in self.engine.module.named_parameters()
+                                   if p.grad is not None})
+                return step(*a, **kw)
+
+            opt.step = probed
+
+    def captured(self) -> list[dict[str, torch.Tensor]]:
+        return self.grads
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _table(vocab: int) -> pa.Table:
+    """GROUPS x G two-turn episodes with random tokens; behaviour log-probs near the tiny model's."""
+    rng = random.Random(0)
+    rows = []
+    for g in range(GROUPS):
+        for e in range(G):
+            base = {S.RUN_ID: "r", S.GROUP_ID: g, S.EPISODE_ID: g * G + e, S.PROMPT_ID: g, S.POLICY_VERSION: 0,
+                    S.STATE_HASH: 0, S.TURN_REWARD_COMPONENTS: {}, S.OUTCOME_REWARD_COMPONENTS: {},
+                    S.TRUNCATED: False, S.TOOL_CALLED: True, S.TOOL_SUCCESS: True, S.RESULT_CONTAINS_ANSWER: False,
+                    S.GROUP_SIZE: G, S.T_START: 0.0, S.T_END: 0.0}
+
+            def toks(n):
+                return [rng.randrange(10, vocab) for _ in range(n)]
+
+            def logprobs(n):  # a random-init model is close to uniform: ratios near 1, some clipped
+                return [-math.log(vocab) + rng.uniform(-0.3, 0.3) for _ in range(n)]
+
+            a0, a1 = toks(rng.randint(2, 6)), toks(rng.randint(1, 4))
+            rows.append({**base, S.TURN_INDEX: 0, S.CONTEXT_TOKEN_IDS: toks(5), S.ACTION_TOKEN_IDS: a0,
+                         S.ACTION_LOGPROBS: logprobs(len(a0)), S.OBSERVATION_TOKEN_IDS: toks(3),
+                         S.TURN_REWARD: rng.random(), S.IS_LAST_TURN: False, S.OUTCOME_REWARD: 0.0})
+            rows.append({**base, S.TURN_INDEX: 1, S.CONTEXT_TOKEN_IDS: [], S.ACTION_TOKEN_IDS: a1,
+                         S.ACTION_LOGPROBS: logprobs(len(a1)), S.OBSERVATION_TOKEN_IDS: [],
+                         S.TURN_REWARD: 0.0, S.IS_LAST_TURN: True, S.OUTCOME_REWARD: rng.random()})
+    return pa.Table.from_batches([S.transitions_to_batch(rows)])
+
+
+def _train(ray, model_dir, table, *, world: int, zero_stage: int) -> dict:
+    """One train_step on ``world`` ranks (as the driver does it); returns stats, weights, gradients."""
+    cfg = load_config(None, [f"learner.zero_stage={zero_stage}", f"learner.num_ranks={world}",
+                             "learner.micro_batch_size=2", "learner.lr=0.01", "learner.grad_clip=1000000.0",
+                             "learner.torch_threads=1", "algorithm.ppo_epochs=2", f"algorithm.group_size={G}",
+                             f"algorithm.prompts_per_step={GROUPS}"])
+    lc, a = cfg.learner, cfg.algorithm
+    port = _free_port()
+    ranks = [ray.remote(GradProbe).options(num_cpus=1).remote(
+        str(model_dir), learner={**vars(lc), "betas": list(lc.betas), "dtype": "float32"}, algorithm=vars(a),
+        temperature=1.0, batch_episodes=GROUPS * G, rank=r, world_size=world, master_port=port, seed=0)
+        for r in range(world)]
+    try:
+        ref = ray.put(table)
+        per_rank = ray.get([w.train_step.remote(ref) for w in ranks])
+        stats = {k: sum(s[k] for s in per_rank) / world for k in per_rank[0]}
+        buckets = ray.get([w.export_weights.remote(64 * 2**20) for w in ranks])[0]  # collective under ZeRO-3
+        weights = {k: v for b in ray.get(buckets) for k, v in b.items()}
+        grads = ray.get(ranks[0].captured.remote())
+        saved = None
+        if zero_stage == 3:
+            out = model_dir.parent / f"saved-z3-w{world}"
+            ray.get([w.save_pretrained.remote(str(out)) for w in ranks])
+            saved = load_file(str(out / "model.safetensors"))
+        return {"stats": stats, "per_rank": per_rank, "weights": weights, "grads": grads, "saved": saved}
+    finally:
+        for w in ranks:
+            ray.kill(w)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_policy, ray_local):
+    from common.modeling import load_tokenizer
+
+    table = _table(len(load_tokenizer(tiny_policy)))
+    reference = _train(ray_local, tiny_policy, table, world=1, zero_stage=0)
+    return ray_local, tiny_policy, table, reference
+
+
+def _assert_same_update(got: dict, ref: dict, base: dict[str, torch.Tensor]) -> None:
+    assert set(got["weights"]) == set(ref["weights"])
+    moved = max((ref["weights"][k] - base[k]).abs().max().item() for k in base)
+    assert moved > 1e-3, "the reference update did not move the weights; the comparison would be vacuous"
+    for k, w in ref["weights"].items():
+        torch.testing.assert_close(got["weights"][k], w, rtol=0, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+    for key in DIAGS:
+        assert got["stats"][key] == pytest.approx(ref["stats"][key], rel=1e-4, abs=1e-6), key
+    assert got["stats"][M.POLICY_VERSION] == ref["stats"][M.POLICY_VERSION] == 1
+
+
+def test_two_ranks_equal_one_rank_zero0(setup):
+    ray, model_dir, table, ref = setup
+    got = _train(ray, model_dir, table, world=2, zero_stage=0)
+    base = load_file(str(model_dir / "model.safetensors"))
+    _assert_same_update(got, ref, base)
+    # every rank reports the whole batch's diagnostics (all-reduced), not its shard's
+    for key in DIAGS:
+        assert got["per_rank"][0][key] == pytest.approx(got["per_rank"][1][key], rel=1e-12), key
+    # the all-reduced gradients equal the one-rank gradients at both optimizer steps (ppo_epochs=2)
+    assert len(got["grads"]) == len(ref["grads"]) == 2
+    for g2, g1 in zip(got["grads"], ref["grads"]):
+        assert set(g2) == set(g1)
+        assert math.sqrt(sum(float(g.pow(2).sum()) for g in g1.values())) > 1e-4
+        for name, g in g1.items():  # relative to the tensor's norm: a wrong scale or shard gives ~1
+            rel = float((g2[name] - g).norm() / g.norm().clamp(min=1e-12))
+            assert rel < 1e-3, f"{name}: gradient differs by {rel:.2e} of its norm"
+
+
+def test_two_ranks_zero3_equal_one_rank(setup):
+    """ZeRO-3 (the paper recipe's stage): partitioned parameters, gathered for the weight push and the save."""
+    ray, model_dir, table, ref = setup
+    got = _train(ray, model_dir, table, world=2, zero_stage=3)
+    base = load_file(str(model_dir / "model.safetensors"))
+    _assert_same_update(got, ref, base)
+    last = ref["grads"][-1]
+    ref_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in last.values()))
+    assert got["stats"][M.GRAD_NORM] == pytest.approx(ref_norm, rel=1e-4)
+    for k, w in got["saved"].items():  # save_pretrained wrote the gathered (full) weights
+        torch.testing.assert_close(w, ref["weights"][k], rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_two_ranks_zero12_equal_one_rank(setup, zero_stage):
+    ray, model_dir, table, ref = setup
+    got = _train(ray, model_dir, table, world=2, zero_stage=zero_stage)
+    _assert_same_update(got, ref, load_file(str(model_dir / "model.safetensors")))
+    ref_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in ref["grads"][-1].values()))
+    assert got["stats"][M.GRAD_NORM] == pytest.approx(ref_norm, rel=1e-4)
