@@ -26,8 +26,12 @@ Two ways in:
     place, rows leave the batch the step their turn ends (stop string, EOS, turn
     cap, episode cap) and waiting requests join at the next step, as long as the
     KV token budget allows: running rows reserve ``len(history) + cap + 1`` tokens,
-    idle sessions hold their cached length, idle sessions are evicted least
-    recently used first when a new row needs room.
+    idle sessions hold their cached length, and when a new row needs room idle
+    sessions are evicted: first those with no queued turn (least recently used
+    first), then queued ones from the back of the queue. While rows are decoding,
+    admissions are batched (a quarter of the batch queued, or 8 steps waited)
+    because each admission costs a prefill forward. Rows with identical histories
+    and nothing cached (a GRPO group's G copies of one prompt) are prefilled once.
   - Sampling is per row (temperature, top-p, top-k, greedy, seed) with
     counter-based randomness (:mod:`actors.sampling`), so a seeded request draws
     the same tokens whatever it is batched with.
@@ -258,6 +262,8 @@ class HFEngine:
     def generate_turns(self, requests: list[Request]) -> list[GenerationOutput]:
         """Blocking: run these turns to completion (other queued turns progress too); outputs in order."""
         requests = list(requests)
+        if not self._session_ok:
+            return self._generate_turns_stateless(requests)
         rows = [self._new_row(r, k) for k, r in enumerate(requests)]
         for row in rows:
             row.queued_at = self._tick
@@ -275,6 +281,28 @@ class HFEngine:
                 else:
                     out[k] = o
                     left -= 1
+        return out  # type: ignore[return-value]
+
+    def _generate_turns_stateless(self, requests: list[Request]) -> list[GenerationOutput]:
+        """Fallback for models the slot cache does not support (sliding-window layers): every turn
+        is prefilled in full through ``generate``, grouped by sampling parameters."""
+        out: list[GenerationOutput | None] = [None] * len(requests)
+        groups: dict[int, list[int]] = {}
+        for k, r in enumerate(requests):
+            groups.setdefault(id(r.params), []).append(k)
+        for ks in groups.values():
+            p = requests[ks[0]].params
+            caps = []
+            for k in ks:
+                r = requests[k]
+                cap = p.max_new_tokens if r.max_new_tokens is None else min(r.max_new_tokens, p.max_new_tokens)
+                if r.max_total_tokens is not None:
+                    cap = min(cap, r.max_total_tokens - len(r.token_ids))
+                caps.append(max(0, cap))
+            for k, o in zip(ks, self.generate([requests[k].token_ids for k in ks], p, caps)):
+                o.session_id, o.request_id, o.prefill_tokens = requests[k].session_id, requests[k].request_id, len(
+                    requests[k].token_ids)
+                out[k] = o
         return out  # type: ignore[return-value]
 
     def start(self, session_id: str, prompt_ids: list[int], params: SamplingParams, **kw) -> GenerationOutput:
@@ -368,7 +396,8 @@ class HFEngine:
 
     def _new_row(self, r: Request, k: int) -> "_Row":
         if not self._session_ok:
-            raise NotImplementedError("the session engine supports full-attention models only; use generate()")
+            raise NotImplementedError("the session scheduler supports full-attention models only (this one has "
+                                      "sliding-window layers): use generate_turns (stateless fallback) or generate()")
         p = r.params
         ids = [int(t) for t in r.token_ids]
         if not ids:

@@ -276,7 +276,8 @@ class RolloutWorker:
                             self.env_workers[i].close.remote(ids)
                         pool.release([self._session_id(e) for e in ended])
                     submit(nxt)
-            if to_queue and self.queue is not None and pending_rows and (len(pending_rows) >= flush_at or not remaining):
+            flush = len(pending_rows) >= flush_at or not remaining
+            if to_queue and self.queue is not None and pending_rows and flush:
                 ray.get(self.queue.put.remote(S.transitions_to_batch(pending_rows)))
                 rows_sent += len(pending_rows)
                 pending_rows = []

@@ -133,7 +133,9 @@ class VLLMEngine:
     def generate_turns(self, requests: list[Request]) -> list[GenerationOutput]:
         caps, seeds = [], []
         for r in requests:
-            cap = r.params.max_new_tokens if r.max_new_tokens is None else min(r.max_new_tokens, r.params.max_new_tokens)
+            cap = r.params.max_new_tokens
+            if r.max_new_tokens is not None:
+                cap = min(cap, r.max_new_tokens)
             if r.max_total_tokens is not None:
                 cap = min(cap, r.max_total_tokens - len(r.token_ids))
             caps.append(max(0, cap))

@@ -3,11 +3,13 @@
 Two transports, one bucket layout (a flat byte buffer + a table of tensors in it):
 
 * **Ray object store (CPU, any cluster)** -- :func:`pack_buckets` turns a state dict into
-  :class:`PackedBucket` objects whose payload is one ``uint8`` numpy array. ``ray.put``
-  copies it into shared memory once; every generator on the node maps it zero-copy
-  (numpy arrays are read from the object store without a copy) and copies it straight
-  into its parameters (:func:`apply_bucket`). A plain dict of torch tensors, the old
-  format, is still accepted everywhere.
+  :class:`PackedBucket` objects whose payload is a list of ``uint8`` numpy arrays that
+  *view* the tensors' memory (no copy). ``ray.put`` serialises them out of band, copying
+  each tensor once into shared memory; every generator on the node maps them zero-copy
+  (numpy arrays are read from the object store without a copy) and copies them straight
+  into its parameters (:func:`apply_bucket`): one copy on each side, where pickling torch
+  tensors costs two or three. A plain dict of torch tensors, the old format, is still
+  accepted everywhere.
 * **torch.distributed broadcast (NCCL on GPU, gloo on CPU for tests)** --
   :class:`WeightGroup` is a process group of its own (a ``TCPStore`` + a backend
   process group, independent of any default group the learner already has, e.g.
@@ -46,19 +48,28 @@ class TensorSpec:
 
 @dataclass
 class PackedBucket:
+    """A bucket of tensors as raw bytes: either one flat buffer (``data``, laid out by the
+    specs' offsets; the broadcast path) or one array per spec (``parts``; the object-store path)."""
+
     specs: list[TensorSpec]
     nbytes: int
-    data: np.ndarray | None = None  # uint8 [nbytes]; None in a plan (metadata only)
+    data: np.ndarray | torch.Tensor | None = None  # uint8 [nbytes]; None in a plan (metadata only)
+    parts: list[np.ndarray] | None = None  # uint8 [spec.nbytes] per spec
     extra: dict = field(default_factory=dict)
 
-    def tensors(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """Views of the tensors in ``data`` (read-only memory when it came from the object store)."""
-        buf = torch.from_numpy(self.data) if isinstance(self.data, np.ndarray) else self.data
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Views of the tensors (read-only memory when it came from the object store)."""
+        import warnings
+
         out = {}
-        for s in self.specs:
-            t = buf[s.offset:s.offset + s.nbytes].view(_DTYPES[s.dtype]).view(s.shape)
-            for name in (s.name, *s.aliases):
-                out[name] = t
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about read-only numpy memory; we only read it
+            buf = torch.from_numpy(self.data) if isinstance(self.data, np.ndarray) else self.data
+            for i, s in enumerate(self.specs):
+                raw = torch.from_numpy(self.parts[i]) if self.parts is not None else buf[s.offset:s.offset + s.nbytes]
+                t = raw.view(_DTYPES[s.dtype]).view(s.shape)
+                for name in (s.name, *s.aliases):
+                    out[name] = t
         return out
 
 
@@ -91,17 +102,22 @@ def plan_buckets(state: dict[str, torch.Tensor], bucket_bytes: int) -> list[Pack
     return [p for p in plans if p.specs]
 
 
+def _as_bytes(t: torch.Tensor) -> np.ndarray:
+    """A uint8 numpy view of a tensor's memory (a copy only if it is not a contiguous CPU tensor)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return t.contiguous().view(-1).view(torch.uint8).numpy()
+
+
 def pack_buckets(state: dict[str, torch.Tensor], bucket_bytes: int) -> list[PackedBucket]:
-    """Copy a state dict (any device) into CPU byte buffers, bucket by bucket."""
-    out = []
-    for plan in plan_buckets(state, bucket_bytes):
-        data = np.empty(plan.nbytes, dtype=np.uint8)
-        buf = torch.from_numpy(data)
-        for s in plan.specs:
-            t = state[s.name].detach()
-            buf[s.offset:s.offset + s.nbytes].copy_(t.contiguous().view(-1).view(torch.uint8))
-        out.append(PackedBucket(plan.specs, plan.nbytes, data))
-    return out
+    """Bucket a state dict as byte views of its tensors (no copy for contiguous CPU tensors).
+
+    The buckets alias the state's memory until they are ``ray.put``: do not modify the
+    tensors in between.
+    """
+    return [PackedBucket(plan.specs, plan.nbytes, parts=[_as_bytes(state[s.name]) for s in plan.specs])
+            for plan in plan_buckets(state, bucket_bytes)]
 
 
 def put_buckets(state: dict[str, torch.Tensor], bucket_bytes: int) -> list:

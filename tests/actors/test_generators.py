@@ -147,6 +147,7 @@ def test_killed_generator_comes_back_with_the_latest_weights(cluster, local):
     pool.flush_releases()
 
 
+@pytest.mark.slow  # a second actor restart (~10 s); streaming is opt-in (generators.streaming)
 def test_killed_generator_during_a_streaming_rollout(cluster):
     """Polls fail or see a new instance id; outstanding turns are replayed from their histories."""
     import threading

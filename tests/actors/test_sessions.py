@@ -86,6 +86,10 @@ def test_session_path_equals_the_stateless_path(engine, tok):
         for o, n in zip(old, new):
             assert torch.allclose(torch.tensor(n.logprobs), torch.tensor(o.logprobs), atol=1e-4)
         hist = [h + o.token_ids + obs[i] for i, (h, o) in enumerate(zip(hist, new))]
+    engine._session_ok = False  # e.g. a sliding-window model: generate_turns falls back to full prefills
+    fallback = engine.generate_turns([Request(f"e{i}", h, GREEDY) for i, h in enumerate(hist)])
+    assert [o.token_ids for o in fallback] == [o.token_ids for o in engine.generate(hist, GREEDY)]
+    assert all(o.cached_tokens == 0 for o in fallback)
 
 
 def test_logprobs_match_a_fresh_forward_pass_across_turns(engine, tok):

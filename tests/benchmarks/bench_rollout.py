@@ -10,9 +10,14 @@ data/demo they are synthetic.
 
 Models: the embedded policy (deploy/warmstart if its weights are present, else the same
 Qwen2 architecture with random weights and the warm-start tokenizer) and a ~100M-parameter
-Qwen2 config with random weights. With random weights an action never emits ``</tool>``,
-so a set of ``stop_tokens`` token ids plays that role (about 1/24 of the probability
-mass per step: ~24-token actions, like the demo policy's), for every method alike.
+Qwen2 config with random weights. The trained warm start ends its actions itself
+(``</tool>``, ``</answer>``, EOS). With random weights an action never emits ``</tool>``, so
+each (episode, turn) gets a length drawn once from a geometric distribution (mean ~24
+tokens, like the demo policy's actions, capped at ``max_tokens_per_turn``) and every method
+stops that action exactly there: the session engine through the request's token cap,
+``generate`` by running the batch to the longest action of the turn (what a batch with
+stop strings does) and keeping each row's first tokens. Both then produce the same
+number of action tokens.
 
 Methods (each in the same process, interleaved, best of ``--repeats``):
 * ``naive``: per turn, one left-padded batch of every live episode's *full* history through
@@ -20,8 +25,11 @@ Methods (each in the same process, interleaved, best of ``--repeats``):
 * ``session``: :meth:`HFEngine.generate_turns` (KV kept across turns, only new tokens
   prefilled, group prompts prefilled once, rows leave the batch when they stop).
 
-Action tokens/s = sampled action tokens / wall seconds. The last line is the headline:
-``bench_rollout ratio: X`` = session / naive on the embedded model, multi-turn workload.
+Action tokens/s = sampled action tokens / wall seconds, best of the repeats per method (the
+least disturbed run on a shared machine); also per CPU second of this process (torch runs
+single-threaded by default, so CPU time is what an idle core would take). The last line is
+the headline: ``bench_rollout ratio: X`` = best engine path (session or streaming) / naive,
+wall-clock, on the embedded model with the multi-turn workload.
 
     .venv/bin/python tests/benchmarks/bench_rollout.py            # both models (~5 min on 2 cores)
     .venv/bin/python tests/benchmarks/bench_rollout.py --quick    # embedded model only
@@ -96,7 +104,8 @@ class Episodes:
 
 
 @torch.no_grad()
-def run_naive(model, tok, ep: Episodes, turns: int, cap: int, stops: list[int], seed: int) -> int:
+def run_naive(model, tok, ep: Episodes, turns: int, cap: int, stops: list[int], seed: int,
+              lengths: list[list[int]] | None = None) -> int:
     torch.manual_seed(seed)
     pad = tok.pad_token_id
     n = 0
@@ -105,12 +114,15 @@ def run_naive(model, tok, ep: Episodes, turns: int, cap: int, stops: list[int], 
         width = max(len(h) for h in hist)
         ids = torch.tensor([[pad] * (width - len(h)) + h for h in hist])
         mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(h) for h in hist])[:, None]).long()
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=cap, do_sample=True, temperature=1.0,
-                             top_k=0, top_p=1.0, eos_token_id=stops, pad_token_id=pad)
+        new = cap if lengths is None else max(lengths[i][t] for i in range(len(hist)))
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=True, temperature=1.0,
+                             top_k=0, top_p=1.0, eos_token_id=stops if lengths is None else None, pad_token_id=pad)
         for i in range(len(hist)):
             action = out[i, width:].tolist()
+            if lengths is not None:
+                action = action[:lengths[i][t]]
             for k, tkn in enumerate(action):  # cut after the first stop (the rest is padding)
-                if tkn in stops:
+                if lengths is None and tkn in stops:
                     action = action[:k + 1]
                     break
             n += len(action)
@@ -119,12 +131,18 @@ def run_naive(model, tok, ep: Episodes, turns: int, cap: int, stops: list[int], 
     return n
 
 
-def run_session(engine: HFEngine, ep: Episodes, turns: int, cap: int, seed: int, tag: str) -> int:
+def _cap(lengths, cap: int, i: int, t: int) -> int:
+    return cap if lengths is None else lengths[i][t]
+
+
+def run_session(engine: HFEngine, ep: Episodes, turns: int, cap: int, seed: int, tag: str,
+                lengths: list[list[int]] | None = None) -> int:
     params = SamplingParams(temperature=1.0, max_new_tokens=cap)
     n = 0
     sids = [f"{tag}/{i}" for i in range(len(ep.hist))]
     for t in range(turns):
-        outs = engine.generate_turns([Request(s, h, params, seed=seed * 1000 + i * 10 + t)
+        outs = engine.generate_turns([Request(s, h, params, seed=seed * 1000 + i * 10 + t,
+                                              max_new_tokens=_cap(lengths, cap, i, t))
                                       for i, (s, h) in enumerate(zip(sids, ep.hist))])
         for i, o in enumerate(outs):
             n += len(o.token_ids)
@@ -134,13 +152,15 @@ def run_session(engine: HFEngine, ep: Episodes, turns: int, cap: int, seed: int,
     return n
 
 
-def run_streaming(engine: HFEngine, ep: Episodes, turns: int, cap: int, seed: int, tag: str) -> int:
+def run_streaming(engine: HFEngine, ep: Episodes, turns: int, cap: int, seed: int, tag: str,
+                  lengths: list[list[int]] | None = None) -> int:
     """Continuous batching across turns: an episode's next turn joins as soon as its last one ends."""
     params = SamplingParams(temperature=1.0, max_new_tokens=cap)
     sids = [f"{tag}/{i}" for i in range(len(ep.hist))]
     index = {s: i for i, s in enumerate(sids)}
     turn = [0] * len(sids)
-    engine.submit([Request(s, h, params, seed=seed * 1000 + i * 10) for i, (s, h) in enumerate(zip(sids, ep.hist))])
+    engine.submit([Request(s, h, params, seed=seed * 1000 + i * 10, max_new_tokens=_cap(lengths, cap, i, 0))
+                   for i, (s, h) in enumerate(zip(sids, ep.hist))])
     n = 0
     while engine.has_work():
         nxt = []
@@ -150,42 +170,47 @@ def run_streaming(engine: HFEngine, ep: Episodes, turns: int, cap: int, seed: in
             if turn[i] + 1 < turns:  # the env step is instantaneous here
                 ep.extend(i, turn[i], o.token_ids)
                 turn[i] += 1
-                nxt.append(Request(sids[i], ep.hist[i], params, seed=seed * 1000 + i * 10 + turn[i]))
+                nxt.append(Request(sids[i], ep.hist[i], params, seed=seed * 1000 + i * 10 + turn[i],
+                                   max_new_tokens=_cap(lengths, cap, i, turn[i])))
         engine.submit(nxt)
     engine.free(sids)
     return n
 
 
 def bench(name: str, model, tok, *, questions: int, group: int, turns: int, cap: int, repeats: int,
-          stop_tokens: int, seed: int = 0) -> dict:
+          fixed_lengths: bool, seed: int = 0) -> dict:
     model.eval()
     msgs, obs = load_workload(tok, questions, turns, seed)
-    vocab = model.config.vocab_size
-    rnd = random.Random(seed + 1)
-    special = set(tok.all_special_ids)
     stops = [tok.convert_tokens_to_ids("</tool>"), tok.convert_tokens_to_ids("</answer>"), tok.eos_token_id]
     stops = [s for s in stops if isinstance(s, int) and s >= 0]
-    pool = [i for i in range(vocab) if i not in special and i not in stops]
-    stops += rnd.sample(pool, stop_tokens)
+    lengths = None
+    if fixed_lengths:  # random weights: geometric action lengths (mean ~24), fixed per (episode, turn)
+        rnd = random.Random(seed + 1)
+        lengths = [[min(cap, 1 + int(rnd.expovariate(1 / 23.5))) for _ in range(turns)]
+                   for _ in range(questions * group)]
     engine = HFEngine(model, tok)
-    engine.eos_ids = set(stops)
+    engine.eos_ids = set() if fixed_lengths else set(stops)
     res = {"naive": [], "session": [], "streaming": []}
     run_session(engine, Episodes(tok, msgs[:1], obs[:1], 2), 2, 4, 0, "warm")  # warm-up
-    run_naive(model, tok, Episodes(tok, msgs[:1], obs[:1], 2), 2, 4, stops, 0)
+    run_naive(model, tok, Episodes(tok, msgs[:1], obs[:1], 2), 2, 4, stops, 0, None)
     for r in range(repeats):
         for method in ("naive", "session", "streaming") if r % 2 == 0 else ("streaming", "session", "naive"):
             ep = Episodes(tok, msgs, obs, group)
+            c0 = time.process_time()
             t0 = time.perf_counter()
             if method == "naive":
-                n = run_naive(model, tok, ep, turns, cap, stops, seed + r)
+                n = run_naive(model, tok, ep, turns, cap, stops, seed + r, lengths)
             elif method == "session":
-                n = run_session(engine, ep, turns, cap, seed + r, f"r{r}")
+                n = run_session(engine, ep, turns, cap, seed + r, f"r{r}", lengths)
             else:
-                n = run_streaming(engine, ep, turns, cap, seed + r, f"s{r}")
+                n = run_streaming(engine, ep, turns, cap, seed + r, f"s{r}", lengths)
             dt = time.perf_counter() - t0
-            res[method].append((n / dt, n, dt))
-            log.info("%s %-7s repeat %d: %d action tokens in %.2f s = %.1f tok/s", name, method, r, n, dt, n / dt)
+            cpu = time.process_time() - c0
+            res[method].append((n / dt, n, dt, n / cpu))
+            log.info("%s %-9s repeat %d: %d action tokens in %.2f s = %.1f tok/s (CPU %.2f s = %.1f tok/s)",
+                     name, method, r, n, dt, n / dt, cpu, n / cpu)
     best = {m: max(v[0] for v in res[m]) for m in res}
+    best_cpu = {m: max(v[3] for v in res[m]) for m in res}
     ratios = [max(s[0], c[0]) / nv[0] for s, c, nv in zip(res["session"], res["streaming"], res["naive"])]
     params = sum(p.numel() for p in model.parameters())
     ep = Episodes(tok, msgs, obs, group)
@@ -197,6 +222,9 @@ def bench(name: str, model, tok, *, questions: int, group: int, turns: int, cap:
         "ratio_session": round(best["session"] / best["naive"], 2),
         "ratio_best": round(max(best["session"], best["streaming"]) / best["naive"], 2),
         "ratio_median_pairs": round(statistics.median(ratios), 2),
+        "naive_cpu_tok_s": round(best_cpu["naive"], 1), "session_cpu_tok_s": round(best_cpu["session"], 1),
+        "streaming_cpu_tok_s": round(best_cpu["streaming"], 1),
+        "ratio_cpu": round(max(best_cpu["session"], best_cpu["streaming"]) / best_cpu["naive"], 2),
         "engine_stats": engine.session_stats(),
     }
     print(json.dumps(out), flush=True)
@@ -206,7 +234,8 @@ def bench(name: str, model, tok, *, questions: int, group: int, turns: int, cap:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="embedded model only")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--big-only", action="store_true", help="the ~100M model only")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (2 oversubscribes a shared 2-core box)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--turns", type=int, default=4)
     args = ap.parse_args()
@@ -215,27 +244,31 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warm = REPO / "deploy/warmstart"
     tok = load_tokenizer(warm)
-    if (warm / "config.json").is_file():
+    if (warm / "config.json").is_file():  # the trained warm start ends its actions with </tool> / </answer>
         from common.modeling import load_model
 
-        small, small_name = load_model(warm), "warmstart"
+        small, small_name, small_fixed = load_model(warm), "warmstart", False
     else:
-        small, small_name = build_demo_model(len(tok), seed=0), "warmstart-arch(random)"
-    results = [
-        bench(small_name, small, tok, questions=8, group=8, turns=args.turns, cap=48, repeats=args.repeats,
-              stop_tokens=max(1, len(tok) // 24)),
-        bench(small_name, small, tok, questions=8, group=8, turns=2, cap=48, repeats=args.repeats,
-              stop_tokens=max(1, len(tok) // 24)),
-    ]
+        small, small_name, small_fixed = build_demo_model(len(tok), seed=0), "warmstart-arch(random)", True
+    results = []
+    if not args.big_only:
+        results += [
+            bench(small_name, small, tok, questions=8, group=8, turns=args.turns, cap=48, repeats=args.repeats,
+                  fixed_lengths=small_fixed),
+            bench(small_name, small, tok, questions=8, group=8, turns=2, cap=48, repeats=args.repeats,
+                  fixed_lengths=small_fixed),
+        ]
     if not args.quick:
         big = build_demo_model(len(tok), hidden=768, layers=12, heads=12, kv_heads=2, intermediate=3072,
                                max_positions=2048, seed=0)
         results.append(bench("qwen2-100M(random)", big, tok, questions=2, group=4, turns=3, cap=16,
-                             repeats=max(1, args.repeats - 1), stop_tokens=max(1, len(tok) // 24)))
+                             repeats=max(1, args.repeats - 1), fixed_lengths=True))
     for r in results:
         print(f"{r['name']:>24} params={r['params'] / 1e6:.1f}M episodes={r['episodes']} turns={r['turns']}: "
               f"naive {r['naive_tok_s']} tok/s, session {r['session_tok_s']} tok/s (x{r['ratio_session']}), "
-              f"streaming {r['streaming_tok_s']} tok/s; best x{r['ratio_best']} (median of pairs x{r['ratio_median_pairs']})")
+              f"streaming {r['streaming_tok_s']} tok/s; best x{r['ratio_best']} (median of pairs "
+              f"x{r['ratio_median_pairs']}); per CPU second: naive {r['naive_cpu_tok_s']}, session "
+              f"{r['session_cpu_tok_s']}, streaming {r['streaming_cpu_tok_s']}: x{r['ratio_cpu']}")
     print(f"bench_rollout ratio: {results[0]['ratio_best']:.2f}")
 
 

@@ -66,7 +66,8 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def wait_for(predicate, what: str, timeout_s: float, proc: subprocess.Popen | None = None, log: Path | None = None):
+def wait_for(predicate, what: str, timeout_s: float, proc: subprocess.Popen | None = None, log: Path | None = None,
+             interval_s: float = 1.0):
     """Poll ``predicate`` until true; fail naming ``what`` (and the process log) on timeout or exit."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -76,9 +77,13 @@ def wait_for(predicate, what: str, timeout_s: float, proc: subprocess.Popen | No
         if proc is not None and proc.poll() is not None:
             tail = log.read_text()[-3000:] if log and log.exists() else ""
             raise RuntimeError(f"{what}: process exited with {proc.returncode}\n{tail}")
-        time.sleep(1.0)
+        time.sleep(interval_s)
     tail = log.read_text()[-3000:] if log and log.exists() else ""
     raise TimeoutError(f"{what}: not ready after {timeout_s:.0f} s\n{tail}")
+
+
+def _prometheus_path() -> str | None:
+    return shutil.which("prometheus") or ("/usr/bin/prometheus" if Path("/usr/bin/prometheus").is_file() else None)
 
 
 def ensure_prometheus() -> tuple[str | None, str]:
@@ -86,7 +91,7 @@ def ensure_prometheus() -> tuple[str | None, str]:
 
     Returns ``(path, "")`` or ``(None, reason)``.
     """
-    found = shutil.which("prometheus") or ("/usr/bin/prometheus" if Path("/usr/bin/prometheus").is_file() else None)
+    found = _prometheus_path()
     if found:
         return found, ""
     if not shutil.which("apt-get"):
@@ -102,6 +107,6 @@ def ensure_prometheus() -> tuple[str | None, str]:
         except (OSError, subprocess.TimeoutExpired) as e:
             return None, f"`{' '.join(cmd)}` failed: {e}"
         out = (r.stdout + r.stderr)[-1500:]
-        if cmd is install and r.returncode == 0 and (shutil.which("prometheus") or Path("/usr/bin/prometheus").is_file()):
-            return shutil.which("prometheus") or "/usr/bin/prometheus", ""
+        if cmd is install and r.returncode == 0 and _prometheus_path():
+            return _prometheus_path(), ""
     return None, f"could not install the Debian package prometheus:\n{out}"

@@ -103,7 +103,7 @@ def cluster_run(tiny_policy):
             stdout=hlog.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
         procs.insert(0, head)
         address = f"http://127.0.0.1:{dash}"
-        wait_for(lambda: _job_status(env, address), "Ray head (Jobs API)", 600, head, hlog)
+        wait_for(lambda: _job_status(env, address), "Ray head (Jobs API)", 600, head, hlog, interval_s=2)
 
         # -- ray job submit, through deploy/submit.sh ---------------------------------------------
         sid = f"turnrl-test-{uuid.uuid4().hex[:8]}"
@@ -113,6 +113,7 @@ def cluster_run(tiny_policy):
             "learner.num_gpus=0", "learner.num_cpus=1", "learner.num_ranks=2", "learner.torch_threads=1",
             "env.num_workers=1", "env.num_cpus=0.5", f"learner.total_steps={STEPS}", "algorithm.prompts_per_step=4",
             "algorithm.group_size=4", "learner.micro_batch_size=8", "eval.num_questions=8", "eval.greedy=false",
+            "eval.before_training=false",
             "generation.max_tokens_per_turn=16", "metrics.host=127.0.0.1", f"metrics.discovery_dir={targets_dir}",
             f"metrics.linger_s={6 if prom_bin else 0}",
         ]
@@ -123,7 +124,8 @@ def cluster_run(tiny_policy):
             cwd=REPO, env={**env, "RAY_CLI": str(BIN / "ray"), "PYTHON": sys.executable},
             capture_output=True, text=True, timeout=600)
         assert sub.returncode == 0, f"submit.sh failed:\n{sub.stdout}\n{sub.stderr}"
-        result["status"] = wait_for(lambda: _terminal_status(env, address, sid), f"Ray job {sid}", 1500, head, hlog)
+        result["status"] = wait_for(lambda: _terminal_status(env, address, sid), f"Ray job {sid}", 1500, head, hlog,
+                                    interval_s=5)
         result["t_end"] = time.time()
         result["logs"] = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", address, sid], env=env,
                                         capture_output=True, text=True, timeout=120).stdout

@@ -60,9 +60,11 @@ def test_kuberay_manifests():
     assert config.startswith("/opt/turnrl/")
     load_config(REPO / config.removeprefix("/opt/turnrl/"), [x for x in entry if "=" in x and not x.startswith("-")])
     spec = job["spec"]["rayClusterSpec"]
-    head_ports = {p["name"]: p["containerPort"] for p in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
-    assert head_ports["turnrl-metrics"] == 9400 and "metrics.port=9400" in entry
-    assert int(spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) >= 8
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {p["name"]: p["containerPort"] for p in head["ports"]}["turnrl-metrics"] == 9400
+    assert "metrics.port=9400" in entry
+    worker = spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert int(worker["resources"]["limits"]["nvidia.com/gpu"]) >= 8
     monitor = yaml.safe_load((REPO / "deploy/kuberay/podmonitor.yaml").read_text())
     assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} == {"metrics", "turnrl-metrics"}
 
