@@ -57,14 +57,19 @@ def read_json_records(path: str | Path) -> list[dict[str, Any]]:
     for lineno, line in enumerate(raw.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-        except ValueError as exc:
-            raise ValueError(f"{p}: line {lineno} is not valid JSON ({exc})") from exc
-        if not isinstance(rec, dict):
-            raise ValueError(f"{p}: line {lineno} is not a JSON object")
-        records.append(rec)
+        records.append(parse_jsonl_line(line, p, lineno))
     return records
+
+
+def parse_jsonl_line(line: str, path: Path, lineno: int) -> dict[str, Any]:
+    """One JSON Lines record as a dict; the error names the file and the line."""
+    try:
+        rec = json.loads(line)
+    except ValueError as exc:
+        raise ValueError(f"{path}: line {lineno} is not valid JSON ({exc})") from exc
+    if not isinstance(rec, dict):
+        raise ValueError(f"{path}: line {lineno} is not a JSON object")
+    return rec
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:

@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from env_workers.corpus import CORPUS_COLUMNS, JSONL_SUFFIXES, PARQUET_SUFFIXES
+from env_workers.corpus import CORPUS_COLUMNS, JSONL_SUFFIXES, PARQUET_SUFFIXES, parse_jsonl_line
 
 logger = logging.getLogger(__name__)
 
@@ -182,13 +182,7 @@ def _iter_json_records(p: Path, batch_size: int) -> Iterator[list[dict[str, Any]
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except ValueError as exc:
-                raise ValueError(f"{p}: line {lineno} is not valid JSON ({exc})") from exc
-            if not isinstance(rec, dict):
-                raise ValueError(f"{p}: line {lineno} is not a JSON object")
-            batch.append(rec)
+            batch.append(parse_jsonl_line(line, p, lineno))
             if len(batch) >= batch_size:
                 yield batch
                 batch = []

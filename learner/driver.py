@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import random
-import socket
 import time
 from datetime import datetime
 from pathlib import Path
@@ -47,11 +46,6 @@ def make_run_dir(cfg: Config) -> Path:
         log.warning("could not point %s at the run: %s", latest, e)
     return run_dir
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class QuestionSampler:
