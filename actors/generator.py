@@ -17,8 +17,10 @@ Two generation interfaces:
 
 Crash recovery: Ray restarts a dead generator (``max_restarts``); the constructor
 reloads the latest published weights from the :class:`WeightStore` before the actor
-serves anything. Sessions held by the dead process are gone; the next request of
-each session carries its full history and is simply prefilled again.
+serves anything: the object-store buckets of the latest push, or, when weights travel
+by broadcast (the store then holds only the version), a copy exported by a live peer
+generator (``export_weights``). Sessions held by the dead process are gone; the next
+request of each session carries its full history and is simply prefilled again.
 ``instance_id`` changes with every (re)start so callers can tell.
 """
 
@@ -42,7 +44,7 @@ class Generator:
 
     def __init__(self, model_path: str, *, dtype: str = "float32", torch_threads: int = 1,
                  backend: str = "hf", weight_store: Any = None, kv_budget_tokens: int = 262144,
-                 keep_kv_across_versions: bool = False, max_prefill_tokens: int = 8192,
+                 keep_kv_across_versions: bool = False, max_prefill_tokens: int = 8192, lean_forward: bool = True,
                  vllm_kwargs: dict | None = None):
         torch.set_num_threads(max(1, torch_threads))
         self.tokenizer = load_tokenizer(model_path)
@@ -52,7 +54,7 @@ class Generator:
             self.engine = HFEngine(load_model(model_path, dtype), self.tokenizer, device=device,
                                    kv_budget_tokens=kv_budget_tokens,
                                    keep_kv_across_versions=keep_kv_across_versions,
-                                   max_prefill_tokens=max_prefill_tokens)
+                                   max_prefill_tokens=max_prefill_tokens, lean_forward=lean_forward)
         elif backend == "vllm":
             from actors.vllm_engine import VLLMEngine
 
@@ -60,16 +62,42 @@ class Generator:
                                      keep_kv_across_versions=keep_kv_across_versions, **(vllm_kwargs or {}))
         else:
             raise ValueError(f"generators.backend {backend!r}: must be 'hf' or 'vllm'")
+        self._settings = {"backend": backend, "dtype": dtype, "torch_threads": torch_threads,
+                          "kv_budget_tokens": kv_budget_tokens, "max_prefill_tokens": max_prefill_tokens,
+                          "keep_kv_across_versions": keep_kv_across_versions, "lean_forward": lean_forward,
+                          "vllm_kwargs": dict(vllm_kwargs or {})}
         self.weight_store = weight_store
         self._group: WeightGroup | None = None
         if weight_store is not None:  # restarted after a crash: catch up with the latest weights
-            import ray
+            self._catch_up()
 
-            latest = ray.get(weight_store.latest.remote())
-            if latest is not None:
-                version, refs = latest
-                self.update_weights(version, refs)
-                log.info("generator started at weight version %d", version)
+    def _catch_up(self) -> None:
+        """Load the latest pushed weights: the store's buckets, else (broadcast mode) a live peer's copy."""
+        import ray
+
+        latest = ray.get(self.weight_store.latest.remote())
+        if latest is None:
+            return
+        version, refs = latest
+        if refs is not None:
+            self.update_weights(version, refs)
+            log.info("generator started at weight version %d", version)
+            return
+        me = ray.get_runtime_context().get_actor_id()
+        for peer in ray.get(self.weight_store.peers.remote()):
+            if peer._actor_id.hex() == me:  # never call ourselves from the constructor (it would wait forever)
+                continue
+            try:
+                peer_version, peer_refs = ray.get(peer.export_weights.remote(64 * 2**20), timeout=120)
+            except Exception as err:  # noqa: BLE001 - a dead or busy peer: try the next one
+                log.warning("could not copy weights from a peer generator: %s", err)
+                continue
+            self.update_weights(peer_version, peer_refs)
+            log.info("generator started at weight version %d (copied from a peer; latest pushed %d)",
+                     peer_version, version)
+            return
+        log.warning("no peer generator to copy weight version %d from: serving the initial weights (version %d) "
+                    "until the next push", version, self.engine.version)
 
     # -- generation ---------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams,
@@ -119,11 +147,17 @@ class Generator:
         self.engine.update_weights(states, version)
         return version
 
-    def init_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str = "nccl") -> int:
-        """Join the learner's weight-broadcast group (rank 0 = learner). Blocks until all joined."""
+    def init_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str = "nccl",
+                          timeout_s: float = 600.0) -> int:
+        """Join the learner's weight-broadcast group (rank 0 = learner). Blocks until all joined.
+
+        Joining again (the group is re-formed after a member restarted) replaces the old group.
+        """
         if hasattr(self.engine, "init_weight_group"):  # vllm: the group lives in vLLM's worker process
             return self.engine.init_weight_group(host, port, rank, world_size)
-        self._group = WeightGroup(host, port, rank, world_size, backend=backend)
+        if self._group is not None:
+            self._group.close()
+        self._group = WeightGroup(host, port, rank, world_size, backend=backend, timeout_s=timeout_s)
         return rank
 
     def receive_weights(self, version: int, plans: list[PackedBucket]) -> int:
@@ -135,6 +169,28 @@ class Generator:
         buckets = self._group.recv(plans)
         self.engine.update_weights(buckets, version)
         return version
+
+    def export_weights(self, bucket_bytes: int) -> tuple[int, list]:
+        """This generator's weights as object-store buckets: (version, refs). A restarted peer loads them
+        when weights travel by broadcast; tests compare them with the learner's."""
+        from actors.weights import put_buckets
+
+        if not hasattr(self.engine, "model"):
+            raise NotImplementedError(f"backend {self._settings['backend']!r} cannot export its weights")
+        return self.engine.version, put_buckets(self.engine.model.state_dict(), bucket_bytes)
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor settings as the engine holds them (what the config asked for)."""
+        out = dict(self._settings)
+        for key in ("kv_budget_tokens", "max_prefill_tokens", "keep_kv_across_versions", "lean_forward"):
+            if hasattr(self.engine, key):
+                out[key] = getattr(self.engine, key)
+        return out
+
+    def node_ip(self) -> str:
+        import ray
+
+        return ray.util.get_node_ip_address()
 
     def version(self) -> int:
         return self.engine.version
@@ -152,27 +208,26 @@ class Generator:
 
 
 class WeightStore:
-    """Holds the object refs of the latest pushed weights so restarted generators can reload."""
+    """What a restarted generator reloads: the latest pushed version and its object refs.
+
+    With broadcast weight sync no buckets pass through the object store: ``publish(version,
+    None)`` records the version only, and a restarted generator copies a live peer
+    (``peers``, registered with ``set_peers``).
+    """
 
     def __init__(self) -> None:
-        self._latest: tuple[int, list[Any]] | None = None
+        self._latest: tuple[int, list[Any] | None] | None = None
+        self._peers: list[Any] = []
 
-    def publish(self, version: int, buckets: list[Any]) -> None:
+    def publish(self, version: int, buckets: list[Any] | None) -> None:
         self._latest = (version, buckets)
 
-    def latest(self) -> tuple[int, list[Any]] | None:
+    def latest(self) -> tuple[int, list[Any] | None] | None:
         return self._latest
 
+    def set_peers(self, generators: list[Any]) -> None:
+        self._peers = list(generators)
 
-def bucketize(state: dict[str, torch.Tensor], bucket_bytes: int) -> list[dict[str, torch.Tensor]]:
-    """Split a state dict into buckets of at most ``bucket_bytes`` (a tensor never splits)."""
-    buckets: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if buckets[-1] and size + nbytes > bucket_bytes:
-            buckets.append({})
-            size = 0
-        buckets[-1][name] = t
-        size += nbytes
-    return buckets
+    def peers(self) -> list[Any]:
+        return self._peers
+

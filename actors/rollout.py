@@ -37,9 +37,11 @@ from typing import Any
 import ray
 
 from actors.engine import Request, SamplingParams
+from actors.env_client import EnvClient
 from actors.pool import GeneratorPool
 from common import schema as S
-from common.modeling import load_tokenizer, observation_glue
+from common.modeling import load_tokenizer, observation_glue, scrub_special_tokens
+from common.replay import register_arrow_serializers
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,8 @@ class RolloutWorker:
 
     def __init__(self, model_path: str, generators: list, env_workers: list, queue=None, *,
                  run_id: str = "run", max_tokens_per_turn: int = 64, max_tokens_per_episode: int = 512,
-                 session_kv: bool = True, streaming: bool = False):
+                 session_kv: bool = True, streaming: bool = False, env_restart_wait_s: float = 120.0):
+        register_arrow_serializers()  # batches put into the queue travel as one Arrow IPC buffer
         self.tokenizer = load_tokenizer(model_path)
         self.generators = generators
         self.env_workers = env_workers
@@ -85,7 +88,35 @@ class RolloutWorker:
             raise ValueError("streaming rollouts need session_kv=True")
         self.session_kv, self.streaming = session_kv, streaming
         self.pool = GeneratorPool(generators) if session_kv else None
+        self.envs = EnvClient(env_workers, restart_wait_s=env_restart_wait_s)  # replays episodes a restarted env worker lost
+        self._by_id: dict[str, _Episode] = {}
+        self._armed: list[tuple[str, int]] = []  # fault injection (arm_kill)
         self._runs = 0
+
+    def ping(self) -> bool:
+        return True
+
+    def arm_kill(self, role: str, index: int = 0) -> None:
+        """Fault injection: kill ``role`` actor ``index`` (``env_worker``, ``generator``, or ``rollout`` = this
+        worker) with ``ray.kill(no_restart=False)`` during the next ``run``, after its first turn's rows are in
+        the queue, i.e. mid-episode. Ray restarts it (``max_restarts``)."""
+        if role not in ("env_worker", "generator", "rollout"):
+            raise ValueError(f"arm_kill: unknown role {role!r}")
+        self._armed.append((role, index))
+
+    def _fire_armed(self) -> None:
+        armed, self._armed = self._armed, []
+        for role, index in armed:
+            log.warning("fault injection: killing %s %d mid-episode", role, index)
+            if role == "rollout":
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=False)
+                time.sleep(3600)  # the kill lands while we wait; nothing more is sent
+            ray.kill((self.env_workers if role == "env_worker" else self.generators)[index], no_restart=False)
+
+    def _history(self, episode_id: str) -> tuple[dict, list[str]]:
+        """(example, actions already taken) of a live episode, to replay it on a restarted env worker."""
+        e = self._by_id[episode_id]
+        return e.example, list(e.summary.get("actions", []))
 
     def run(self, examples: list[dict], *, group_size: int, first_group_id: int, first_episode_id: int,
             params: SamplingParams, to_queue: bool = True) -> dict[str, Any]:
@@ -97,6 +128,8 @@ class RolloutWorker:
                 eid = first_episode_id + q * group_size + g
                 episodes.append(_Episode(eid, first_group_id + q, int(ex.get("prompt_id", first_group_id + q)),
                                          group_size, ex, eid % len(self.env_workers)))
+        self._by_id = {str(e.episode_id): e for e in episodes}
+        replayed_before = self.envs.replayed
         self._reset(episodes)
         self._runs += 1
         self._session_prefix = f"{self.run_id}/{self._runs}/{stable_hash(time.time_ns()) & 0xFFFFFFFF:08x}"
@@ -114,6 +147,7 @@ class RolloutWorker:
                 if to_queue and rows and self.queue is not None:
                     ray.get(self.queue.put.remote(S.transitions_to_batch(rows)))
                     rows_sent += len(rows)
+                self._fire_armed()
         if self.pool is not None:
             self.pool.flush_releases()
         elapsed = time.time() - t0
@@ -122,6 +156,7 @@ class RolloutWorker:
             "rows": rows_sent,
             "action_tokens": action_tokens,
             "seconds": elapsed,
+            "env_replayed": self.envs.replayed - replayed_before,  # episodes rebuilt on a restarted env worker
         }
 
     # -- phases --------------------------------------------------------------------
@@ -129,10 +164,10 @@ class RolloutWorker:
         by_env: dict[int, list[_Episode]] = {}
         for e in episodes:
             by_env.setdefault(e.env_index, []).append(e)
-        refs = {i: self.env_workers[i].reset.remote([str(e.episode_id) for e in eps], [e.example for e in eps])
-                for i, eps in by_env.items()}
+        args = {i: ([str(e.episode_id) for e in eps], [e.example for e in eps]) for i, eps in by_env.items()}
+        refs = {i: self.env_workers[i].reset.remote(*a) for i, a in args.items()}
         for i, eps in by_env.items():
-            for e, messages in zip(eps, ray.get(refs[i])):
+            for e, messages in zip(eps, self.envs.finish_reset(i, refs[i], *args[i])):
                 e.messages = messages
                 text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
                 e.context = self.tokenizer.encode(text, add_special_tokens=False)
@@ -169,8 +204,9 @@ class RolloutWorker:
         done = bool(res.done) or out_of_budget
         truncated = bool(info.get("truncated", False)) or (out_of_budget and not res.done)
         obs_ids: list[int] = []
+        obs_text = scrub_special_tokens(self.tokenizer, res.observation_text or "")  # env text never spells a control token
         if not done:
-            glue = observation_glue(self.tokenizer, e.messages, action, res.observation_text,
+            glue = observation_glue(self.tokenizer, e.messages, action, obs_text,
                                     bool(out.token_ids) and out.token_ids[-1] == eos)
             obs_ids = self.tokenizer.encode(glue, add_special_tokens=False)
         outcome = (res.outcome_reward or {}) if res.done else {}
@@ -195,7 +231,7 @@ class RolloutWorker:
         else:
             e.tokens += out.token_ids + obs_ids
             e.messages = e.messages + [{"role": "assistant", "content": action},
-                                       {"role": "user", "content": res.observation_text}]
+                                       {"role": "user", "content": obs_text}]
             e.state_hash = stable_hash(res.observation_text)
             e.turn += 1
         return row
@@ -260,9 +296,11 @@ class RolloutWorker:
                         envs[self.env_workers[i].step.remote(ids, [a for _, _, a in items])] = items
                 else:
                     items = envs.pop(ref)
+                    results = self.envs.finish_step(items[0][0].env_index, ref, [str(e.episode_id) for e, _, _ in items],
+                                                    [a for _, _, a in items], self._history)
                     t_end = time.time()
                     nxt, ended = [], []
-                    for (e, o, action), res in zip(items, ray.get(ref)):
+                    for (e, o, action), res in zip(items, results):
                         row = self._close_turn(e, o, action, res, t_submit[e.episode_id], t_end)
                         pending_rows.append(row)
                         action_tokens += len(o.token_ids)
@@ -281,6 +319,7 @@ class RolloutWorker:
                 ray.get(self.queue.put.remote(S.transitions_to_batch(pending_rows)))
                 rows_sent += len(pending_rows)
                 pending_rows = []
+                self._fire_armed()
         return rows_sent, action_tokens
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams, caps: list[int], call: int):
@@ -304,11 +343,11 @@ class RolloutWorker:
         by_env: dict[int, list[int]] = {}
         for k, e in enumerate(live):
             by_env.setdefault(e.env_index, []).append(k)
-        refs = {i: self.env_workers[i].step.remote([str(live[k].episode_id) for k in ks], [actions[k] for k in ks])
-                for i, ks in by_env.items()}
+        args = {i: ([str(live[k].episode_id) for k in ks], [actions[k] for k in ks]) for i, ks in by_env.items()}
+        refs = {i: self.envs.submit_step(i, *a) for i, a in args.items()}
         results: list = [None] * len(live)
         for i, ks in by_env.items():
-            for k, r in zip(ks, ray.get(refs[i])):
+            for k, r in zip(ks, self.envs.finish_step(i, refs[i], *args[i], self._history)):
                 results[k] = r
         return results
 

@@ -51,8 +51,9 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, greedy: torch.T
     """
     scaled = logits.float() / temperature[:, None]  # [B, V]
     logp = torch.log_softmax(scaled, dim=-1)  # [B, V]
-    tok = scaled.argmax(dim=-1)  # [B]
     sampled = ~greedy
+    any_greedy = bool(greedy.any())
+    tok = scaled.argmax(dim=-1) if any_greedy else None  # [B]
     if bool(sampled.any()):
         u = counter_uniform(seed_lo, seed_hi, counter)  # [B]
         if filtering:
@@ -66,13 +67,14 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, greedy: torch.T
             probs = torch.softmax(z, dim=-1).double()  # [B, V], sorted order
         else:
             order = None
-            probs = torch.softmax(scaled, dim=-1).double()  # [B, V]
+            probs = logp.double().exp()  # [B, V] the same distribution, without a second softmax pass
         cdf = probs.cumsum(-1)  # [B, V]
         pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)  # [B]
         pick = pick.clamp(max=cdf.shape[-1] - 1)
         # a zero-probability token can only be hit at the very top through rounding: step back
-        last = (probs > 0).long().cumsum(-1).argmax(-1)  # [B] index of the last token with mass
-        pick = torch.minimum(pick, last)
+        if bool((probs.gather(-1, pick[:, None]) == 0).any()):
+            last = (probs > 0).long().cumsum(-1).argmax(-1)  # [B] index of the last token with mass
+            pick = torch.minimum(pick, last)
         drawn = pick if order is None else order.gather(-1, pick[:, None]).squeeze(-1)
-        tok = torch.where(sampled, drawn, tok)
+        tok = torch.where(sampled, drawn, tok) if any_greedy else drawn
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)

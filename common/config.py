@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +34,11 @@ class RunConfig:
     run_dir: str | None = None  # explicit run directory (overrides the runs/<name>-<time> default)
     seed: int = 0  # global seed: data order, sampling, initialisation
     log_level: str = "INFO"  # logging level of the driver
+
+    def validate(self, p: str) -> None:
+        levels = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+        if str(self.log_level).upper() not in levels:
+            _fail(f"{p}.log_level", self.log_level, f"must be one of {', '.join(levels)}")
 
 
 @dataclass
@@ -65,6 +71,9 @@ class DataConfig:
                     _fail(f"{p}.{name}", None, "is required when data.kind is 'files'")
         if not 0.0 < self.eval_fraction < 1.0:
             _fail(f"{p}.eval_fraction", self.eval_fraction, "must be in (0, 1)")
+        for name in ("num_people", "num_cities", "num_countries"):
+            if getattr(self, name) < 1:
+                _fail(f"{p}.{name}", getattr(self, name), "must be >= 1")
 
 
 @dataclass
@@ -112,11 +121,13 @@ class GeneratorsConfig:
     kv_budget_tokens: int = 262144  # hf: KV tokens a generator may hold (running turns' reservations + idle sessions; idle ones are evicted, then re-prefilled)
     max_prefill_tokens: int = 8192  # hf: padded tokens per prefill forward (bounds activation memory)
     keep_kv_across_versions: bool = False  # hf: reuse KV computed by older weights after an update (faster, slightly off-policy)
+    lean_forward: bool = True  # hf: run Qwen2/Llama models through turnrl's own forward over the KV slots (same ops as transformers, bit for bit, without per-module overhead); false: the transformers modules
     vllm_gpu_memory_utilization: float = 0.5  # vllm: fraction of the GPU for weights + KV cache (the learner may share the GPU)
 
     def validate(self, p: str) -> None:
         if self.num < 1:
             _fail(f"{p}.num", self.num, "must be >= 1")
+        _check_actor_resources(p, self.num_cpus, self.num_gpus, self.max_restarts, self.torch_threads)
         if self.kv_budget_tokens < 64:
             _fail(f"{p}.kv_budget_tokens", self.kv_budget_tokens, "must be >= 64 (one turn needs its history + max tokens)")
         if self.max_prefill_tokens < 1:
@@ -160,6 +171,7 @@ class EnvConfig:
     num_workers: int = 1  # env worker actors
     num_cpus: float = 0.5  # Ray CPUs per env worker
     max_restarts: int = 3  # Ray restarts of a dead env worker
+    step_latency_s: float = 0.0  # seconds added to every env step call: a stand-in for a slow tool (benchmarks); 0 in real runs
     rewards: RewardConfig = field(default_factory=RewardConfig)  # rubric weights
 
     def validate(self, p: str) -> None:
@@ -173,18 +185,58 @@ class EnvConfig:
             _fail(f"{p}.answer_match", self.answer_match, "must be 'normalized' or 'strict'")
         if self.num_workers < 1:
             _fail(f"{p}.num_workers", self.num_workers, "must be >= 1")
+        if self.max_result_chars < 1:
+            _fail(f"{p}.max_result_chars", self.max_result_chars, "must be >= 1")
+        _check_actor_resources(p, self.num_cpus, 0.0, self.max_restarts, 1)
+        if self.step_latency_s < 0:
+            _fail(f"{p}.step_latency_s", self.step_latency_s, "must be >= 0")
 
 
 @dataclass
 class QueueConfig:
     capacity_rows: int = 100_000  # turns held before producers block (backpressure)
-    max_policy_lag: int = 1  # groups whose oldest turn is more than this many versions old are dropped
+    max_policy_lag: int = 1  # groups whose oldest turn is more than this many versions behind the learner are dropped or reweighted (stale_mode)
+    capacity_bytes: int | None = None  # the same bound in bytes of Arrow data (memory + spilled); null: rows only
+    stale_mode: str = "drop"  # drop: stale groups are discarded (counted); reweight: released with staleness_weight = stale_decay ** (lag - max_policy_lag)
+    stale_decay: float = 0.5  # reweight: base of the staleness weight, in (0, 1]
+    memory_bytes: int | None = None  # in-memory budget past which cold groups spill to Arrow IPC files; null: never spill
+    spill_dir: str | None = None  # directory for spill files on local disk; null: a private temporary directory
+    put_timeout_s: float | None = None  # a producer waiting longer than this for room fails (QueueFull); null: wait as long as it takes
 
     def validate(self, p: str) -> None:
         if self.capacity_rows < 1:
             _fail(f"{p}.capacity_rows", self.capacity_rows, "must be >= 1")
         if self.max_policy_lag < 0:
             _fail(f"{p}.max_policy_lag", self.max_policy_lag, "must be >= 0")
+        if self.capacity_bytes is not None and self.capacity_bytes < 1:
+            _fail(f"{p}.capacity_bytes", self.capacity_bytes, "must be >= 1 or null")
+        if self.stale_mode not in ("drop", "reweight"):
+            _fail(f"{p}.stale_mode", self.stale_mode, "must be 'drop' or 'reweight'")
+        if not 0.0 < self.stale_decay <= 1.0:
+            _fail(f"{p}.stale_decay", self.stale_decay, "must be in (0, 1]")
+        if self.memory_bytes is not None and self.memory_bytes < 0:
+            _fail(f"{p}.memory_bytes", self.memory_bytes, "must be >= 0 or null")
+        if self.put_timeout_s is not None and self.put_timeout_s <= 0:
+            _fail(f"{p}.put_timeout_s", self.put_timeout_s, "must be > 0 or null")
+
+    def queue_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``common.replay.ReplayQueue`` (all fields of this section)."""
+        return dict(vars(self))
+
+
+@dataclass
+class RolloutConfig:
+    mode: str = "sync"  # sync: generate a step's groups, then train on them (on-policy); async: generation keeps running while the learner trains, bounded by queue.max_policy_lag
+    max_restarts: int = 3  # Ray restarts of a dead rollout worker; its unfinished groups are aborted and their prompts run again under new ids (sync and async)
+    get_timeout_s: float = 600.0  # async: the learner fails if no batch of complete groups arrives within this many seconds
+
+    def validate(self, p: str) -> None:
+        if self.mode not in ("sync", "async"):
+            _fail(f"{p}.mode", self.mode, "must be 'sync' or 'async'")
+        if self.max_restarts < 0:
+            _fail(f"{p}.max_restarts", self.max_restarts, "must be >= 0")
+        if self.get_timeout_s <= 0:
+            _fail(f"{p}.get_timeout_s", self.get_timeout_s, "must be > 0")
 
 
 @dataclass
@@ -241,7 +293,9 @@ class LearnerConfig:
     torch_threads: int = 2  # intra-op threads per learner rank
     push_every: int = 1  # push weights to the generators every k steps
     bucket_mb: int = 64  # weight-push bucket size in MiB
+    weight_sync: str = "auto"  # how weights reach the generators: object_store (Ray, any hardware) | broadcast (torch.distributed from rank 0: NCCL when learner and generators have GPUs, else gloo) | auto (broadcast on GPUs, object_store otherwise)
     recompute_old_logprobs: bool = False  # recompute behaviour log-probs in the learner (else use the generator's)
+    cpu_shm_allreduce: bool = False  # CPU only: build DeepSpeed's shared-memory all-reduce op (a 35-60 s C++ JIT compile on first use); off = plain gloo collectives
 
     def validate(self, p: str) -> None:
         if self.total_steps < 0:
@@ -258,6 +312,13 @@ class LearnerConfig:
             _fail(f"{p}.num_ranks", self.num_ranks, "must be >= 1")
         if self.push_every < 1:
             _fail(f"{p}.push_every", self.push_every, "must be >= 1")
+        if self.warmup_steps < 0:
+            _fail(f"{p}.warmup_steps", self.warmup_steps, "must be >= 0")
+        if self.bucket_mb < 1:
+            _fail(f"{p}.bucket_mb", self.bucket_mb, "must be >= 1")
+        _check_actor_resources(p, self.num_cpus, self.num_gpus, 0, self.torch_threads)
+        if self.weight_sync not in ("auto", "object_store", "broadcast"):
+            _fail(f"{p}.weight_sync", self.weight_sync, "must be auto, object_store or broadcast")
 
 
 @dataclass
@@ -271,6 +332,8 @@ class MetricsConfig:
     linger_s: float = 0.0  # keep serving /metrics this many seconds after the run so the last values get scraped
 
     def validate(self, p: str) -> None:
+        if self.log_every < 1:
+            _fail(f"{p}.log_every", self.log_every, "must be >= 1")
         if self.linger_s < 0:
             _fail(f"{p}.linger_s", self.linger_s, "must be >= 0")
         if not 0 <= self.port <= 65535:
@@ -296,6 +359,55 @@ class EvalConfig:
     greedy: bool = True  # also evaluate greedily (the sampled evaluation uses the training temperature)
     before_training: bool = True  # evaluate the starting (warm-start) policy too
 
+    def validate(self, p: str) -> None:
+        if self.num_questions < 1:
+            _fail(f"{p}.num_questions", self.num_questions, "must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # save a resumable checkpoint every k steps and after the last step (0: off)
+    dir: str | None = None  # where checkpoints go; null: <run_dir>/checkpoints (multi-node: storage every learner rank can write)
+    keep: int = 2  # newest checkpoints kept; older ones are deleted after a save
+
+    def validate(self, p: str) -> None:
+        if self.every_steps < 0:
+            _fail(f"{p}.every_steps", self.every_steps, "must be >= 0 (0: no checkpoints)")
+        if self.keep < 1:
+            _fail(f"{p}.keep", self.keep, "must be >= 1")
+
+
+FAULT_ROLES = ("env_worker", "generator", "rollout", "learner")
+
+
+@dataclass
+class KillSpec:
+    actor: str = "env_worker"  # which role to kill: env_worker | generator | rollout | learner
+    index: int = 0  # which actor of that role (0-based; the rollout worker is index 0)
+    after_step: int = 0  # kill during step after_step + 1: mid-episode, after that step's first turn (learner: before its update)
+
+    def validate(self, p: str) -> None:
+        if self.actor not in FAULT_ROLES:
+            close = difflib.get_close_matches(str(self.actor), FAULT_ROLES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            _fail(f"{p}.actor", self.actor, f"must be one of {', '.join(FAULT_ROLES)}{hint}")
+        if self.index < 0:
+            _fail(f"{p}.index", self.index, "must be >= 0")
+        if self.after_step < 0:
+            _fail(f"{p}.after_step", self.after_step, "must be >= 0")
+
+
+@dataclass
+class FaultsConfig:
+    kill: list[KillSpec] = field(default_factory=list)  # fault injection for tests: actors killed with ray.kill(no_restart=False) at fixed steps
+    restart_wait_s: float = 120.0  # how long the rollout worker / driver wait for Ray to restart a killed actor
+
+    def validate(self, p: str) -> None:
+        for i, k in enumerate(self.kill):
+            k.validate(f"{p}.kill[{i}]")
+        if self.restart_wait_s <= 0:
+            _fail(f"{p}.restart_wait_s", self.restart_wait_s, "must be > 0")
+
 
 @dataclass
 class Config:
@@ -307,11 +419,14 @@ class Config:
     generators: GeneratorsConfig = field(default_factory=GeneratorsConfig)  # generator actors
     env: EnvConfig = field(default_factory=EnvConfig)  # Wikipedia-search environment
     queue: QueueConfig = field(default_factory=QueueConfig)  # Arrow replay queue
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # synchronous or asynchronous actor-learner mode
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)  # credit assignment and loss
     learner: LearnerConfig = field(default_factory=LearnerConfig)  # DeepSpeed learner
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # Prometheus endpoint, metrics.jsonl
     eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation
     placement: PlacementConfig = field(default_factory=PlacementConfig)  # where actors run (placement groups, colocation)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # resumable checkpoints (turnrl train --resume RUN_DIR)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)  # fault injection (tests) and restart waits
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
@@ -319,9 +434,87 @@ class Config:
         if self.learner.micro_batch_size > self.algorithm.prompts_per_step * self.algorithm.group_size:
             _fail("learner.micro_batch_size", self.learner.micro_batch_size,
                   "must not exceed the batch (algorithm.prompts_per_step x algorithm.group_size)")
+        check_placement(self)
+        check_weight_sync(self)
+        check_faults(self)
+        if self.rollout.mode == "async" and self.queue.max_policy_lag < 1:
+            _fail("queue.max_policy_lag", self.queue.max_policy_lag,
+                  "must be >= 1 with rollout.mode async (0 leaves generation no room to run ahead: use mode sync)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_placement(cfg: Config) -> None:
+    """Cross-section placement rules; each error names the fields, the values and the rule."""
+    lc, g, pc = cfg.learner, cfg.generators, cfg.placement
+    if lc.num_cpus <= 0 and lc.num_gpus <= 0:
+        raise ConfigError(f"config fields `learner.num_cpus` = {lc.num_cpus!r} and `learner.num_gpus` = "
+                          f"{lc.num_gpus!r}: a learner rank must reserve some CPU or GPU (its placement bundle)")
+    if lc.num_gpus > 1 and lc.num_gpus != int(lc.num_gpus):
+        raise ConfigError(f"config field `learner.num_gpus` = {lc.num_gpus!r}: must be <= 1 or a whole number")
+    if not pc.colocate:
+        return
+    if g.num > lc.num_ranks:
+        raise ConfigError(f"config field `generators.num` = {g.num!r}: with placement.colocate each generator "
+                          f"shares one learner rank's bundle, so it must be <= learner.num_ranks ({lc.num_ranks})")
+    if lc.num_gpus > 0 and g.num_gpus > 0 and lc.num_gpus + g.num_gpus > 1 + 1e-9:
+        raise ConfigError(f"config fields `learner.num_gpus` = {lc.num_gpus!r} and `generators.num_gpus` = "
+                          f"{g.num_gpus!r}: with placement.colocate a generator and a learner rank share one GPU, "
+                          "so the two must add up to at most 1 (e.g. 0.5 each)")
+
+
+def check_faults(cfg: Config) -> None:
+    """Each ``faults.kill`` entry must name an actor that exists (its index below the role's count)."""
+    counts = {"env_worker": cfg.env.num_workers, "generator": cfg.generators.num, "rollout": 1,
+              "learner": cfg.learner.num_ranks}
+    for i, k in enumerate(cfg.faults.kill):
+        if k.index >= counts[k.actor]:
+            _fail(f"faults.kill[{i}].index", k.index, f"must be < {counts[k.actor]} (the number of {k.actor} actors)")
+
+
+def weight_sync_mode(cfg: Config) -> tuple[str, str | None]:
+    """The resolved ``learner.weight_sync``: ``("object_store", None)`` or ``("broadcast", backend)``.
+
+    ``auto`` is ``broadcast`` when learner ranks and generators both reserve GPUs (and do not
+    share them), ``object_store`` otherwise. The broadcast backend is NCCL when both ends have
+    GPUs, gloo (CPU tensors) when either end runs on CPU.
+    """
+    lc, g = cfg.learner, cfg.generators
+    both_gpu = lc.num_gpus > 0 and g.num_gpus > 0
+    mode = lc.weight_sync
+    if mode == "auto":
+        mode = "broadcast" if both_gpu and not cfg.placement.colocate else "object_store"
+    if mode == "object_store":
+        return mode, None
+    return mode, "nccl" if both_gpu else "gloo"
+
+
+def check_weight_sync(cfg: Config) -> None:
+    """Rules of ``learner.weight_sync: broadcast``; each error names the fields, the values and the rule."""
+    lc, g = cfg.learner, cfg.generators
+    if lc.weight_sync != "broadcast":
+        return
+    if g.backend == "vllm" and not (lc.num_gpus > 0 and g.num_gpus > 0):
+        raise ConfigError(f"config field `learner.weight_sync` = 'broadcast' with `generators.backend` = 'vllm': "
+                          f"vLLM receives the broadcast over NCCL inside its GPU worker, so learner.num_gpus "
+                          f"({lc.num_gpus!r}) and generators.num_gpus ({g.num_gpus!r}) must both be > 0")
+    if lc.num_gpus > 0 and g.num_gpus > 0 and cfg.placement.colocate:
+        raise ConfigError("config field `learner.weight_sync` = 'broadcast' with `placement.colocate` = true: "
+                          "NCCL cannot join two processes on the same GPU (generator 0 shares learner rank 0's); "
+                          "use learner.weight_sync: object_store")
+
+
+def _check_actor_resources(p: str, num_cpus: float, num_gpus: float, max_restarts: int, threads: int) -> None:
+    """Rules shared by the actor sections (``generators``, ``env``, ``learner``)."""
+    if num_cpus < 0:
+        _fail(f"{p}.num_cpus", num_cpus, "must be >= 0")
+    if num_gpus < 0:
+        _fail(f"{p}.num_gpus", num_gpus, "must be >= 0")
+    if max_restarts < -1:
+        _fail(f"{p}.max_restarts", max_restarts, "must be >= -1 (-1: restart without limit)")
+    if threads < 1:
+        _fail(f"{p}.torch_threads", threads, "must be >= 1")
 
 
 def _validate_tree(obj: Any, path: str) -> None:
@@ -369,6 +562,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(path, value, "must be a number")
+        if not math.isfinite(value):
+            _fail(path, value, "must be a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -401,6 +596,21 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _parse_yaml(data: bytes, where: str) -> Any:
+    """``yaml.safe_load`` of UTF-8 ``data``; a ConfigError naming ``where`` (and the line) if it is not."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: not UTF-8 text (byte {e.start}); expected a YAML mapping") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML{at}: {problem}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load YAML ``path`` (optional), apply ``key.sub=value`` overrides, build and validate."""
     tree: dict[str, Any] = {}
@@ -408,7 +618,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
-        loaded = yaml.safe_load(p.read_text())
+        loaded = _parse_yaml(p.read_bytes(), f"config file {str(p)!r}")
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a YAML mapping at the top level")
         tree = loaded or {}
@@ -416,7 +626,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if "=" not in item:
             raise ConfigError(f"config override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        _set_dotted(tree, key.strip(), _parse_yaml(raw.encode(), f"config override {item!r}"))
     cfg = _build(Config, tree, "")
     cfg.validate()
     return cfg

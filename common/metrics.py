@@ -31,6 +31,8 @@ TRUNCATED = "rollout/truncated/rate"
 TURNS_MEAN = "rollout/turns/mean"
 ACTION_TOKENS_MEAN = "rollout/action_tokens/mean"
 EPISODES_TOTAL = "rollout/episodes/total"
+ROLLOUT_IN_FLIGHT = "rollout/in_flight/groups"  # async mode
+ROLLOUT_FAILED_CALLS = "rollout/failed_calls/total"  # async mode
 # --- advantages ----------------------------------------------------------------
 ADV_TURN_MEAN = "train/advantage/turn{k}/mean"  # format with k = turn index
 ADV_TURN_STD = "train/advantage/turn{k}/std"
@@ -76,10 +78,23 @@ TIME_ADVANTAGE = "perf/time/advantage_s"
 TIME_UPDATE = "perf/time/update_s"
 TIME_SYNC = "perf/time/weight_push_s"
 TIME_STEP = "perf/time/step_s"
+TIME_BATCH_WAIT = "perf/time/batch_wait_s"
 # --- actors (fault tolerance) ---------------------------------------------------------
 ACTOR_RESTARTS = "actors/restarts/total"
 ACTOR_RESTARTS_ROLE = "actors/restarts/{role}"  # format with role in ACTOR_ROLES
 ACTOR_ROLES = ("generator", "env_worker", "learner", "rollout", "queue")
+# --- audit: every episode counted exactly once (learner/faults.py) ---------------------------
+AUDIT_STARTED = "audit/episodes/started_total"
+AUDIT_COMPLETED = "audit/episodes/completed_total"
+AUDIT_TRAINED = "audit/episodes/trained_total"
+AUDIT_ABANDONED = "audit/episodes/abandoned_total"
+AUDIT_STALE = "audit/episodes/stale_dropped_total"
+AUDIT_DUPLICATES = "audit/episodes/duplicates_total"
+AUDIT_UNACCOUNTED = "audit/episodes/unaccounted"
+AUDIT_ENV_REPLAYED = "audit/episodes/env_replayed_total"
+AUDIT_ROLLOUT_RETRIES = "audit/rollout/retries_total"
+CHECKPOINT_STEP = "checkpoint/step"
+CHECKPOINT_TIME = "perf/time/checkpoint_s"
 
 METRICS: dict[str, str] = {
     REWARD_TOTAL: "Mean total reward (turn + outcome) per episode",
@@ -94,6 +109,8 @@ METRICS: dict[str, str] = {
     TURNS_MEAN: "Mean assistant turns per episode",
     ACTION_TOKENS_MEAN: "Mean action tokens per episode",
     EPISODES_TOTAL: "Episodes consumed by the learner so far",
+    ROLLOUT_IN_FLIGHT: "Groups handed to the rollout worker and not yet finished (async mode)",
+    ROLLOUT_FAILED_CALLS: "Rollout-worker calls lost to a crash; their groups were aborted and sampled again (async mode)",
     LOSS: "Policy loss of the last step",
     KL: "Approximate KL between behaviour and current policy",
     CLIP_FRAC: "Fraction of action tokens whose ratio was clipped",
@@ -133,8 +150,22 @@ METRICS: dict[str, str] = {
     TIME_UPDATE: "Seconds spent in the DeepSpeed update",
     TIME_SYNC: "Seconds spent pushing weights to the generators",
     TIME_STEP: "Seconds per training step",
+    TIME_BATCH_WAIT: "Seconds the learner waited this step for a batch of complete groups",
 }
 METRICS[ACTOR_RESTARTS] = "Ray restarts of this run's actors so far (all roles)"
+METRICS.update({
+    AUDIT_STARTED: "Episode ids handed to the rollout worker (retries under new ids included)",
+    AUDIT_COMPLETED: "Episodes the rollout worker reported finished",
+    AUDIT_TRAINED: "Distinct episodes in the learner's batches",
+    AUDIT_ABANDONED: "Episodes given up after a fault (their prompts were sampled again under new ids)",
+    AUDIT_STALE: "Episodes the replay queue dropped for exceeding the policy-lag bound",
+    AUDIT_DUPLICATES: "Episodes trained (or completed) more than once; must stay 0",
+    AUDIT_UNACCOUNTED: "Started episodes neither trained, abandoned, stale nor in flight; must be 0 between steps",
+    AUDIT_ENV_REPLAYED: "Episodes whose env state was rebuilt on a restarted env worker (same episode, same rows)",
+    AUDIT_ROLLOUT_RETRIES: "Rollout calls re-run after the rollout worker died",
+    CHECKPOINT_STEP: "Step of the newest resumable checkpoint (0: none yet)",
+    CHECKPOINT_TIME: "Seconds spent writing the last checkpoint",
+})
 for _role in ACTOR_ROLES:
     METRICS[ACTOR_RESTARTS_ROLE.format(role=_role)] = f"Ray restarts of this run's {_role} actors so far"
 for _k in range(8):

@@ -30,17 +30,64 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def check_model_dir(path: str | Path) -> Path:
-    """Fail early, naming the directory and what was expected."""
+    """Fail early (before Ray starts), naming the file and what was expected.
+
+    Checks that ``config.json`` and the tokenizer's JSON files parse, and that every
+    ``*.safetensors`` file has a valid header whose tensors fit in the file (a truncated
+    download fails here, not inside an actor). Nothing is unpickled.
+    """
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"model.path {str(p)!r} is not a directory (expected a Hugging Face model directory)")
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"model directory {str(p)!r} has no config.json (expected save_pretrained output)")
-    if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
-        raise FileNotFoundError(f"model directory {str(p)!r} has no weights (*.safetensors)")
+    config = _read_json(p / "config.json", "a Hugging Face model config")
+    if not isinstance(config, dict) or not (config.get("model_type") or config.get("architectures")):
+        raise ValueError(f"{str(p / 'config.json')!r}: no model_type or architectures (expected save_pretrained output)")
+    weights = sorted(p.glob("*.safetensors"))
+    if not weights:
+        raise FileNotFoundError(f"model directory {str(p)!r} has no weights (*.safetensors; pickled *.bin is not loaded)")
+    for w in weights:
+        check_safetensors(w)
     if not any((p / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise FileNotFoundError(f"model directory {str(p)!r} has no tokenizer files (tokenizer.json)")
+    for name in ("tokenizer.json", "tokenizer_config.json", "model.safetensors.index.json"):
+        if (p / name).is_file():
+            _read_json(p / name, "JSON written by save_pretrained")
     return p
+
+
+def _read_json(path: Path, expected: str):
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({e}); expected {expected}") from None
+
+
+def check_safetensors(path: str | Path) -> None:
+    """ValueError naming ``path`` unless it is a complete safetensors file (header parses, data fits)."""
+    import json
+    import struct
+
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{str(path)!r} is {size} bytes: empty or truncated (expected a safetensors file)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100 * 2**20):
+            raise ValueError(f"{str(path)!r}: header length {n} does not fit the file ({size} bytes): truncated or "
+                             "not a safetensors file")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{str(path)!r}: unreadable safetensors header ({e})") from None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    if 8 + n + max(ends, default=0) > size:
+        raise ValueError(f"{str(path)!r} is truncated: its tensors need {8 + n + max(ends)} bytes, the file has {size}")
 
 
 def load_tokenizer(path: str | Path):
@@ -119,6 +166,23 @@ def build_demo_model(vocab_size: int, *, hidden: int = 128, layers: int = 4, hea
         rope_theta=10000.0,
     )
     return Qwen2ForCausalLM(cfg)
+
+
+def special_token_strings(tokenizer) -> set[str]:
+    """Every string the tokenizer turns into a special token: the named ones and added tokens flagged special."""
+    out = set(getattr(tokenizer, "all_special_tokens", []))
+    out.update(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special)
+    return out
+
+
+def scrub_special_tokens(tokenizer, text: str) -> str:
+    """Break up the tokenizer's special-token strings in env text (a zero-width space after the first
+    character), so ``<|im_start|>`` inside a retrieved passage or an error message tokenises as plain
+    text and cannot open a fake chat turn. Only env text goes through here, never the model's tokens."""
+    for tok in special_token_strings(tokenizer):
+        if len(tok) > 1 and tok in text:
+            text = text.replace(tok, tok[0] + "\u200b" + tok[1:])
+    return text
 
 
 def observation_glue(tokenizer, messages: list[dict], action_text: str, observation_text: str,

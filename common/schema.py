@@ -34,6 +34,10 @@ RESULT_CONTAINS_ANSWER = "result_contains_answer"
 GROUP_SIZE = "group_size"  # G, so the queue knows when a group is complete
 T_START = "t_start"  # unix seconds: generation of this turn began
 T_END = "t_end"  # unix seconds: the env answered
+# Not a transition column: the replay queue appends it to the tables it releases in "reweight"
+# mode (float32 per row, stale_decay ** (group lag - max_policy_lag), 1.0 within the bound);
+# the learner multiplies it into the group's token advantages.
+STALENESS_WEIGHT = "staleness_weight"
 
 _COMPONENTS = pa.map_(pa.string(), pa.float32())
 

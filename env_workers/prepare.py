@@ -47,10 +47,38 @@ def prepare_data(dcfg) -> DataPaths:
         if not load_questions(split, limit=1):
             raise ValueError(f"question file {str(split)!r} holds no questions (expected columns question, answers)")
     try:
+        check_index_files(paths.index_dir)
         BM25Index.load(paths.index_dir)  # validates a saved index
     except FileNotFoundError:
         _build_index(paths.corpus, paths.index_dir)
+    except (ValueError, OSError, EOFError) as e:  # a damaged index: say which file, never rebuild over it silently
+        raise ValueError(f"BM25 index {str(paths.index_dir)!r} is damaged: {e}. Expected the files written by "
+                         f"BM25Index.save; delete the directory to rebuild it from {str(paths.corpus)!r}") from None
     return paths
+
+
+def check_index_files(index_dir: Path) -> None:
+    """Open every file of a saved index once (JSON parses, ``.npy`` headers and sizes, the Arrow docs file);
+    ``ValueError`` naming the first damaged file. A missing index (no metadata file) is left to the caller."""
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+
+    d = Path(index_dir)
+    if not d.is_dir() or not any(d.glob("*.json")):
+        return
+    for f in sorted(d.iterdir()):
+        try:
+            if f.suffix == ".json":
+                json.loads(f.read_text(encoding="utf-8"))
+            elif f.suffix == ".npy":
+                np.load(f, mmap_mode="r")
+            elif f.suffix == ".arrow":
+                with pa.memory_map(str(f), "r") as src:
+                    pa.ipc.open_file(src).schema  # noqa: B018 - reads the footer
+        except (ValueError, OSError, EOFError, UnicodeDecodeError) as e:
+            raise ValueError(f"{str(f)!r} is unreadable ({type(e).__name__}: {e})") from None
 
 
 def _build_index(corpus_path: Path, index_dir: Path) -> None:

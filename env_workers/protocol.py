@@ -275,9 +275,28 @@ def format_result(
 
 
 def result_content(passages: Sequence["Hit"] | None, error: str | None, max_chars: int = 400) -> str:
-    """The text inside the result tags (see :func:`format_result`)."""
+    """The text inside the result tags (see :func:`format_result`), passed through :func:`neutralize`."""
     if error is not None:
-        return f"Error: {error}"
+        return neutralize(f"Error: {error}")
     if not passages:
         return "No results found."
-    return "\n\n".join(format_passage(p.title, p.text, max_chars) for p in passages)
+    return neutralize("\n\n".join(format_passage(p.title, p.text, max_chars) for p in passages))
+
+
+_TAGS = sorted({t for s in PROTOCOLS.values() for t in (s.reasoning_tag, s.tool_tag, s.answer_tag, s.result_tag)})
+_MARKUP_RE = re.compile(r"<(?=\s*/?\s*(?:%s)\s*>)|<\||\|>" % "|".join(_TAGS), re.IGNORECASE)
+_MARKUP_SUB = {"<": "&lt;", "<|": "< |", "|>": "| >"}
+_CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0/C1 controls except tab and newline
+
+
+def neutralize(text: str) -> str:
+    """Retrieved text is data, never protocol: a passage (or an error echoing model output) cannot
+    close the result block, fake a tool call or an answer, or spell a chat-template control token.
+
+    Protocol tags of every protocol (``<answer>``, ``</result>``, ``<tool>``, ...) lose their ``<``
+    (-> ``&lt;answer>``), ``<|`` / ``|>`` (ChatML-style control tokens such as ``<|im_start|>``) get a
+    space, and control characters other than newline and tab are dropped. Words are unchanged, so
+    answer matching on the result is unaffected. The rollout worker additionally breaks up the
+    policy tokenizer's own special tokens (``common.modeling.scrub_special_tokens``).
+    """
+    return _MARKUP_RE.sub(lambda m: _MARKUP_SUB[m.group(0)], _CONTROL_RE.sub("", text))

@@ -17,6 +17,7 @@ did not run). A failing judge scores 0 and never fails the step.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from typing import Any, Sequence
 
@@ -48,6 +49,7 @@ class EnvWorker:
         judge: Any = None,
         judge_outcome_weight: float = 0.0,
         judge_turn_weight: float = 0.0,
+        step_latency_s: float = 0.0,
     ) -> None:
         """Load the index saved in ``index_dir``; ``env_kwargs`` go to every ``WikiSearchEnv``.
 
@@ -56,6 +58,9 @@ class EnvWorker:
         """
         if judge_outcome_weight < 0 or judge_turn_weight < 0:
             raise ValueError("judge weights must be >= 0")
+        if step_latency_s < 0:
+            raise ValueError(f"step_latency_s={step_latency_s}: must be >= 0")
+        self.step_latency_s = float(step_latency_s)  # added to every step call: a stand-in for a slow tool
         self.index = BM25Index.load(index_dir, mmap=mmap)
         self.env_kwargs = dict(env_kwargs or {})
         WikiSearchEnv(self.index, **self.env_kwargs)  # fail fast on bad kwargs
@@ -107,6 +112,8 @@ class EnvWorker:
                 envs.append(env)
                 batch_actions.append(action)
                 slots.append(i)
+        if self.step_latency_s > 0:
+            time.sleep(self.step_latency_s)
         stepped = step_batch(envs, batch_actions)
         if self.judge_outcome_weight > 0 or self.judge_turn_weight > 0:
             self._add_judge_terms(envs, stepped)

@@ -29,6 +29,7 @@ class EpisodeBatch:
     state_ids: torch.Tensor  # long[B, K]
     versions: torch.Tensor  # long[B, K]
     episode_ids: torch.Tensor  # long[B]
+    staleness_weights: torch.Tensor  # float[B] staleness weight of the episode's group (queue "reweight"; else 1)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -56,6 +57,8 @@ def assemble(table: pa.Table, pad_id: int) -> EpisodeBatch:
     state_ids = torch.zeros(b, k_max, dtype=torch.long)
     versions = torch.zeros(b, k_max, dtype=torch.long)
     group_ids = torch.zeros(b, dtype=torch.long)
+    stale_w = table.column(S.STALENESS_WEIGHT).to_pylist() if S.STALENESS_WEIGHT in table.schema.names else None
+    weights = torch.ones(b)
     for bi, eid in enumerate(order):
         rows = sorted(episodes[eid], key=lambda r: cols[S.TURN_INDEX][r])
         turn_idx = [cols[S.TURN_INDEX][r] for r in rows]
@@ -84,6 +87,8 @@ def assemble(table: pa.Table, pad_id: int) -> EpisodeBatch:
             versions[bi, k] = cols[S.POLICY_VERSION][r]
         outcome[bi] = cols[S.OUTCOME_REWARD][rows[-1]]
         group_ids[bi] = cols[S.GROUP_ID][rows[0]]
+        if stale_w is not None:
+            weights[bi] = stale_w[rows[0]]
         seqs.append(ids)
         acts.append(act)
         turns.append(trn)
@@ -102,4 +107,4 @@ def assemble(table: pa.Table, pad_id: int) -> EpisodeBatch:
         token_turn[bi, :n] = torch.tensor(turns[bi])
         blp[bi, :n] = torch.tensor(lps[bi])
     return EpisodeBatch(input_ids, attn, action_mask, token_turn, blp, turn_rewards, outcome, turn_mask,
-                        group_ids, state_ids, versions, torch.tensor(order, dtype=torch.long))
+                        group_ids, state_ids, versions, torch.tensor(order, dtype=torch.long), weights)

@@ -1,6 +1,7 @@
 """Cluster plumbing for the driver: placement, the learner rendezvous, restarts, Prometheus discovery.
 
-- :func:`check_placement` rejects impossible placements before Ray starts.
+- :func:`check_placement` (defined in ``common.config``, run by ``Config.validate``) rejects impossible
+  placements before Ray starts.
 - :class:`Placement` reserves one placement-group bundle per learner rank (``placement.learner_strategy``,
   PACK by default so the data-parallel group stays on as few nodes as possible). Generators get
   GPUs of their own by default: the learner's GPUs are reserved by the group, so Ray places
@@ -25,28 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from common import metrics as M
-from common.config import Config, ConfigError
+from common.config import Config, check_placement  # noqa: F401 - the placement rules live with the config
 
 log = logging.getLogger(__name__)
-
-
-def check_placement(cfg: Config) -> None:
-    """Cross-section placement rules; each error names the fields, the values and the rule."""
-    lc, g, pc = cfg.learner, cfg.generators, cfg.placement
-    if lc.num_cpus <= 0 and lc.num_gpus <= 0:
-        raise ConfigError(f"config fields `learner.num_cpus` = {lc.num_cpus!r} and `learner.num_gpus` = "
-                          f"{lc.num_gpus!r}: a learner rank must reserve some CPU or GPU (its placement bundle)")
-    if lc.num_gpus > 1 and lc.num_gpus != int(lc.num_gpus):
-        raise ConfigError(f"config field `learner.num_gpus` = {lc.num_gpus!r}: must be <= 1 or a whole number")
-    if not pc.colocate:
-        return
-    if g.num > lc.num_ranks:
-        raise ConfigError(f"config field `generators.num` = {g.num!r}: with placement.colocate each generator "
-                          f"shares one learner rank's bundle, so it must be <= learner.num_ranks ({lc.num_ranks})")
-    if lc.num_gpus > 0 and g.num_gpus > 0 and lc.num_gpus + g.num_gpus > 1 + 1e-9:
-        raise ConfigError(f"config fields `learner.num_gpus` = {lc.num_gpus!r} and `generators.num_gpus` = "
-                          f"{g.num_gpus!r}: with placement.colocate a generator and a learner rank share one GPU, "
-                          "so the two must add up to at most 1 (e.g. 0.5 each)")
 
 
 def learner_bundles(cfg: Config) -> list[dict[str, float]]:

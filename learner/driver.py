@@ -23,9 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from common import metrics as M
+from common import schema as S
 from common.config import Config, save_config
 from env_workers.prepare import DataPaths, prepare_data
-from learner.cluster import Placement, PrometheusTargets, RestartCounter, check_placement
+from learner.checkpoint import (Checkpointer, check_compatible, find_resume_checkpoint, latest_checkpoint, read_state,
+                                truncate_metrics)
+from learner.cluster import Placement, PrometheusTargets, RestartCounter
+from learner.faults import EpisodeAudit, crash_summary, inject, rollout_with_retries, stale_episodes
+from learner.weight_sync import generator_kwargs, make_weight_sync, rollout_kwargs
 from learner.evaluation import format_table, plot_learning_curves, summarize_episodes
 
 log = logging.getLogger(__name__)
@@ -74,6 +79,16 @@ class QuestionSampler:
             self.pos += 1
         return out
 
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "num_questions": len(self.questions)}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        if state["num_questions"] != len(self.questions) or state["seed"] != self.seed:
+            raise ValueError(f"sampler state {state} does not fit {len(self.questions)} questions with seed "
+                             f"{self.seed}: the training questions changed since the checkpoint")
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._order = self._shuffle()
+
 
 class Trainer:
     """Owns the actors of one run; Ray plumbing stays in the actor classes and here."""
@@ -84,7 +99,7 @@ class Trainer:
         from actors.engine import SamplingParams
         from actors.generator import Generator, WeightStore
         from actors.rollout import RolloutWorker
-        from common.replay_queue import ReplayQueue
+        from common.replay_queue import ReplayQueue, register_arrow_serializers
         from env_workers.demo_data import load_questions
         from env_workers.env import DEFAULT_SYSTEM_PROMPT, SYSTEM_PROMPTS
         from env_workers.rewards import RewardWeights
@@ -93,6 +108,7 @@ class Trainer:
 
         self.cfg, self.run_dir = cfg, run_dir
         self.SamplingParams = SamplingParams
+        register_arrow_serializers()  # tables this process sends the learners travel as one Arrow IPC buffer
         model_path = str(Path(cfg.model.path).resolve())
         self.train_questions = load_questions(data.train, max_hops=cfg.data.max_hops)
         self.eval_questions = load_questions(data.eval, max_hops=cfg.data.max_hops)
@@ -114,21 +130,18 @@ class Trainer:
         self.generators = [
             ray.remote(Generator).options(num_cpus=g.num_cpus, num_gpus=g.num_gpus, max_restarts=g.max_restarts,
                                           max_task_retries=2, **self.placement.generator_options(i)).remote(
-                model_path, dtype=cfg.model.dtype, torch_threads=g.torch_threads, backend=g.backend,
-                weight_store=self.weight_store)
+                model_path, weight_store=self.weight_store, **generator_kwargs(cfg))
             for i in range(g.num)
         ]
         self.env_workers = [
             ray.remote(EnvWorker).options(num_cpus=cfg.env.num_cpus, max_restarts=cfg.env.max_restarts).remote(
-                str(data.index_dir), env_kwargs)
+                str(data.index_dir), env_kwargs, step_latency_s=cfg.env.step_latency_s)
             for _ in range(cfg.env.num_workers)
         ]
-        self.queue = ray.remote(ReplayQueue).options(num_cpus=0).remote(
-            cfg.queue.capacity_rows, cfg.queue.max_policy_lag)
-        self.rollout = ray.remote(RolloutWorker).options(num_cpus=0).remote(
+        self.queue = ray.remote(ReplayQueue).options(num_cpus=0).remote(**cfg.queue.queue_kwargs())
+        self.rollout = ray.remote(RolloutWorker).options(num_cpus=0, max_restarts=cfg.rollout.max_restarts).remote(
             model_path, self.generators, self.env_workers, self.queue, run_id=run_dir.name,
-            max_tokens_per_turn=cfg.generation.max_tokens_per_turn,
-            max_tokens_per_episode=cfg.generation.max_tokens_per_episode)
+            env_restart_wait_s=cfg.faults.restart_wait_s, **rollout_kwargs(cfg))
         a, lc = cfg.algorithm, cfg.learner
         master_addr, port = self.placement.rendezvous()
         self.learners = [
@@ -141,11 +154,13 @@ class Trainer:
         ]
         ray.get([x.ping.remote() for x in self.generators])
         ray.get([x.get_version.remote() for x in self.learners])
+        self.weight_sync = make_weight_sync(cfg, self.learners, self.generators, self.weight_store)  # learner.weight_sync
         self.restarts = RestartCounter({"generator": self.generators, "env_worker": self.env_workers,
                                         "learner": self.learners, "rollout": [self.rollout], "queue": [self.queue]})
         self.version = 0
         self.episode_counter = 0
         self.group_counter = 0
+        self.audit = EpisodeAudit()  # every episode counted exactly once (learner/faults.py)
 
     # -- phases -----------------------------------------------------------------------------
     def sampling(self, *, greedy: bool = False, seed: int | None = None):
@@ -155,15 +170,8 @@ class Trainer:
                                    seed=seed)
 
     def rollout_phase(self, questions: list[dict], step: int) -> dict[str, Any]:
-        import ray
-
-        G = self.cfg.algorithm.group_size
-        result = ray.get(self.rollout.run.remote(
-            questions, group_size=G, first_group_id=self.group_counter, first_episode_id=self.episode_counter,
-            params=self.sampling(seed=self.cfg.run.seed * 1_000_003 + step)))
-        self.group_counter += len(questions)
-        self.episode_counter += len(questions) * G
-        return result
+        # G episodes per question; run again under new ids if the rollout worker dies (learner/faults.py)
+        return rollout_with_retries(self, questions, self.sampling(seed=self.cfg.run.seed * 1_000_003 + step))
 
     def update_phase(self, n_groups: int) -> dict[str, float]:
         import ray
@@ -171,20 +179,22 @@ class Trainer:
         table = ray.get(self.queue.get.remote(n_groups, self.version))
         if table is None:
             raise RuntimeError("the replay queue released no complete group; see queue metrics")
+        return self.train_on(table)
+
+    def train_on(self, table) -> dict[str, float]:
+        """One learner step on an Arrow table of complete groups (every rank); returns the step's metrics."""
+        import ray
+
         table_ref = ray.put(table)  # one copy in the object store for every rank
         per_rank = ray.get([lw.train_step.remote(table_ref) for lw in self.learners])
+        self.audit.train(table.column(S.EPISODE_ID).to_pylist())
         stats = {k: sum(r[k] for r in per_rank) / len(per_rank) for k in per_rank[0]}  # ranks see different shards
         self.version = int(stats[M.POLICY_VERSION])
         return stats
 
     def sync_phase(self) -> float:
-        import ray
-
         t0 = time.time()
-        refs = ray.get([lw.export_weights.remote(self.cfg.learner.bucket_mb * 2**20)
-                        for lw in self.learners])[0]  # rank 0's buckets (other ranks only join a ZeRO-3 gather)
-        ray.get(self.weight_store.publish.remote(self.version, refs))
-        ray.get([g.update_weights.remote(self.version, refs) for g in self.generators])
+        self.weight_sync.push(self.version)  # object store or broadcast from rank 0 (learner/weight_sync.py)
         return time.time() - t0
 
     def evaluate(self, label: str, greedy: bool) -> dict[str, float]:
@@ -196,6 +206,18 @@ class Trainer:
         summary = summarize_episodes(res["episodes"])
         log.info("eval %s: %s", label, {k: round(v, 3) for k, v in summary.items()})
         return summary
+
+    def close(self) -> None:
+        """Kill this run's actors and free its placement group; Ray itself stays up for the next run."""
+        import ray
+
+        for handle in [self.rollout, *self.generators, *self.env_workers, *self.learners, self.queue,
+                       self.weight_store]:
+            try:
+                ray.kill(handle, no_restart=True)
+            except Exception as e:  # noqa: BLE001 - best effort at shutdown
+                log.debug("could not kill an actor: %s", e)
+        self.placement.remove()
 
 
 def rollout_metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -217,17 +239,27 @@ def rollout_metrics(result: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def train(cfg: Config) -> Path:
-    """Run one training job end to end; return the run directory."""
+def train(cfg: Config, resume: str | Path | None = None) -> Path:
+    """Run one training job end to end; return the run directory.
+
+    ``resume``: a run directory with checkpoints; the run goes on from its newest one (same step
+    numbering, counters, sampler position, queue contents, weights and optimizer state).
+    """
     import ray
     from tqdm import tqdm
 
+    from learner.async_loop import AsyncLoop
+
     t_start = time.time()
-    data = prepare_data(cfg.data)  # fails before Ray starts on a bad corpus / question file
     from common.modeling import check_model_dir
 
-    check_model_dir(cfg.model.path)
-    check_placement(cfg)
+    check_model_dir(cfg.model.path)  # fails before Ray starts (and before data prep) on a bad model directory
+    data = prepare_data(cfg.data)  # fails before Ray starts on a bad corpus / question file
+    resume_from = None
+    if resume is not None:  # fail before Ray starts if there is nothing to resume or the config changed
+        cfg.run.run_dir = str(resume)
+        resume_from = find_resume_checkpoint(Path(resume), cfg)
+        check_compatible(cfg, read_state(resume_from), resume_from)
     run_dir = make_run_dir(cfg)
     save_config(cfg, run_dir / "config.yaml")
     if not ray.is_initialized():
@@ -244,30 +276,52 @@ def train(cfg: Config) -> Path:
         (run_dir / "metrics_endpoint.txt").write_text(f"http://{cfg.metrics.host}:{sink.port}/metrics\n")
         targets = PrometheusTargets(run_dir, cfg.metrics.host, sink.port, discovery_dir=cfg.metrics.discovery_dir,
                                     advertise=cfg.metrics.advertise_host)
+    trainer: Trainer | None = None
+    ckpt, step, start_step, restart_base = Checkpointer(cfg, run_dir), 0, 0, {}
     try:
         trainer = Trainer(cfg, run_dir, data)
         results: dict[str, Any] = {}
-        if cfg.eval.before_training:
+        if resume_from is not None:
+            state = ckpt.restore(trainer, resume_from)
+            start_step, restart_base = int(state["step"]), state.get("restarts", {})
+            results.update(state.get("eval", {}))
+            truncate_metrics(run_dir / "metrics.jsonl", start_step)
+        elif cfg.eval.before_training:
             results["warm_start"] = trainer.evaluate("warm_start", greedy=False)
             if cfg.eval.greedy:
                 results["warm_start_greedy"] = trainer.evaluate("warm_start_greedy", greedy=True)
         a = cfg.algorithm
-        bar = tqdm(range(1, cfg.learner.total_steps + 1), desc="train", unit="step", dynamic_ncols=True)
+        loop = AsyncLoop(trainer) if cfg.rollout.mode == "async" else None
+        bar = tqdm(range(start_step + 1, cfg.learner.total_steps + 1), desc="train", unit="step", dynamic_ncols=True,
+                   initial=start_step, total=cfg.learner.total_steps)
         for step in bar:
             t0 = time.time()
-            questions = trainer.sampler.next(a.prompts_per_step)
-            rollout = trainer.rollout_phase(questions, step)
-            stats = rollout_metrics(rollout)
-            stats.update(trainer.update_phase(a.prompts_per_step))
-            stats[M.TIME_SYNC] = trainer.sync_phase() if step % cfg.learner.push_every == 0 else 0.0
+            inject(trainer, step)  # faults.kill: deterministic actor kills (tests)
+            if loop is not None:  # generation runs on while the learner trains (learner/async_loop.py)
+                stats = loop.step(step)
+            else:
+                questions = trainer.sampler.next(a.prompts_per_step)
+                rollout = trainer.rollout_phase(questions, step)
+                stats = rollout_metrics(rollout)
+                stats.update(trainer.update_phase(a.prompts_per_step))
+                stats[M.TIME_SYNC] = trainer.sync_phase() if step % cfg.learner.push_every == 0 else 0.0
             stats.update(ray.get(trainer.queue.stats.remote()))
-            stats[M.EPISODES_TOTAL] = trainer.episode_counter
-            stats.update(trainer.restarts.sample())
+            stats.setdefault(M.EPISODES_TOTAL, len(trainer.audit.trained))
+            restarts = {k: v + restart_base.get(k, 0.0) for k, v in trainer.restarts.sample().items()}  # carried over resumes
+            stats.update(restarts)
+            stats.update(trainer.audit.counts(trainer.episode_counter, stale_episodes(stats, a.group_size),
+                                              sync=loop is None))
             stats[M.TIME_STEP] = time.time() - t0
+            save = ckpt.due(step, final=step == cfg.learner.total_steps)
+            stats[M.CHECKPOINT_STEP], stats[M.CHECKPOINT_TIME] = (step if save else ckpt.last_step), ckpt.last_seconds
             if step % cfg.metrics.log_every == 0 or step == cfg.learner.total_steps:
                 sink.log(step, stats)
+            if save:  # after the log line, so a resume from it never repeats or skips a step
+                ckpt.save(trainer, step, {"eval": results, "restarts": restarts})
             bar.set_postfix(reward=f"{stats[M.REWARD_TOTAL]:.2f}", tool=f"{stats[M.TOOL_SUCCESS]:.2f}",
                             air=f"{stats[M.ANSWER_IN_RESULT]:.2f}", em=f"{stats[M.EXACT_MATCH]:.2f}")
+        if loop is not None:
+            loop.close()  # the calls still generating finish; their groups are dropped
         results["trained"] = trainer.evaluate("trained", greedy=False)
         if cfg.eval.greedy:
             results["trained_greedy"] = trainer.evaluate("trained_greedy", greedy=True)
@@ -276,7 +330,11 @@ def train(cfg: Config) -> Path:
             "generator_versions": ray.get([g.version.remote() for g in trainer.generators]),
             "learner_version": trainer.version,
             "queue": ray.get(trainer.queue.stats.remote()),
-            "episodes_trained": trainer.episode_counter,
+            "episodes_trained": loop.episodes_trained if loop is not None else len(trainer.audit.trained),
+            "audit": trainer.audit.counts(trainer.episode_counter, stale_episodes(
+                ray.get(trainer.queue.stats.remote()), a.group_size), sync=loop is None),
+            "resumed_from": str(resume_from) if resume_from is not None else None,
+            "checkpoint": str(latest_checkpoint(ckpt.root)) if cfg.checkpoint.every_steps else None,
             "metrics_endpoint": f"http://{cfg.metrics.host}:{sink.port}/metrics" if sink.port else None,
         }
         (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=2))
@@ -291,7 +349,14 @@ def train(cfg: Config) -> Path:
         if cfg.metrics.linger_s > 0 and sink.port is not None:
             log.info("serving the final metrics for %.0f s more (metrics.linger_s)", cfg.metrics.linger_s)
             time.sleep(cfg.metrics.linger_s)
+    except Exception as err:
+        crashed = crash_summary(err, trainer, run_dir, step, ckpt)  # a dead learner rank: say how to resume
+        if crashed is None:
+            raise
+        raise crashed from err
     finally:
+        if trainer is not None:
+            trainer.close()
         if targets is not None:
             targets.close()
         sink.close()

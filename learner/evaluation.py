@@ -55,6 +55,8 @@ def plot_learning_curves(metrics_path: str | Path, out_path: str | Path,
     from common import metrics as M
 
     keys = keys or (M.REWARD_TOTAL, M.ANSWER_IN_RESULT, M.EXACT_MATCH, M.TOOL_SUCCESS)
+    if not Path(metrics_path).exists():  # a run with learner.total_steps=0 logs no step
+        return None
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
     rows = [r for r in rows if M.REWARD_TOTAL in r]
     if not rows:

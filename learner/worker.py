@@ -9,6 +9,7 @@ normalised by the global token count (so 1x8 equals 8x1).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -33,6 +34,15 @@ def compute_turn_advantages(batch: EpisodeBatch, estimator: str, hparams: dict[s
     if "state_ids" in accepted:
         kwargs["state_ids"] = batch.state_ids
     return fn(batch.turn_rewards, batch.outcome_rewards, batch.turn_mask, batch.group_ids, **kwargs)
+
+
+def _skip_cpu_shm_op() -> None:
+    """Let DeepSpeed's CPU backend use plain gloo collectives instead of JIT-compiling its
+    shared-memory all-reduce op (35-60 s of C++ compilation on a fresh machine, once per
+    machine). The op only speeds up all-reduce between ranks on one host."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def deepspeed_config(lcfg: dict[str, Any], micro_batch: int, grad_accum: int, world: int) -> dict[str, Any]:
@@ -82,6 +92,8 @@ class LearnerWorker:
         per_rank = -(-batch_episodes // world_size)
         self.micro = min(learner["micro_batch_size"], per_rank)
         grad_accum = -(-per_rank // self.micro)
+        if not torch.cuda.is_available() and not learner.get("cpu_shm_allreduce", False):
+            _skip_cpu_shm_op()
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    auto_mpi_discovery=False)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -102,6 +114,7 @@ class LearnerWorker:
               "gamma": self.acfg["gamma"], "eps": self.acfg["eps"]}
         turn_adv = compute_turn_advantages(batch, self.acfg["advantage"], hp)  # [B, K]
         token_adv = broadcast_to_tokens(turn_adv, batch.token_turn, batch.action_mask)  # [B, T]
+        token_adv = token_adv * batch.staleness_weights[:, None]  # [B, T] stale groups count less (queue "reweight")
         t_adv = time.time() - t0
         # this rank's share of the episodes (data parallel)
         idx = torch.arange(len(batch))[self.rank::self.world]
@@ -120,13 +133,13 @@ class LearnerWorker:
                 diags.append(d)
                 n_micro += 1
             for _ in range(n_micro, self.grad_accum):  # keep DeepSpeed's boundary in step with ours
-                self.engine.step()
+                self._engine_step()
         self.steps += 1
         self.version += 1
         out = self._global_diags(diags)  # whole-batch values, the same for any number of ranks
         stats: dict[str, float] = {
             M.LOSS: out.get("loss", 0.0), M.KL: out.get("approx_kl", 0.0), M.CLIP_FRAC: out.get("clip_frac", 0.0),
-            M.ENTROPY: out.get("entropy", 0.0), M.GRAD_NORM: float(self.engine.get_global_grad_norm() or 0.0),
+            M.ENTROPY: out.get("entropy", 0.0), M.GRAD_NORM: self._reported_grad_norm(),
             M.LR: float(self.engine.get_lr()[0]), M.POLICY_VERSION: self.version, M.STEP: self.steps,
             M.TIME_ADVANTAGE: t_adv, M.TIME_UPDATE: time.time() - t0 - t_adv,
         }
@@ -172,7 +185,7 @@ class LearnerWorker:
             clip_high=self.acfg["clip_high"], agg_mode=self.acfg["loss_agg"], norm_tokens=norm_tokens,
             num_seqs=self._num_seqs, max_len=self._max_len)
         self.engine.backward(loss, scale_wrt_gas=False)
-        self.engine.step()
+        self._engine_step()
         d = {k: float(v) for k, v in diag.items() if torch.is_tensor(v) and v.numel() == 1}
         d["loss"] = float(loss.detach())
         d["entropy"] = float(ent_sel.detach().mean()) if ent_sel.numel() else 0.0
@@ -196,33 +209,109 @@ class LearnerWorker:
         out.update({k: float(t[2 + i]) / max(float(t[0]), 1.0) for i, k in enumerate(keys)})
         return out
 
-    # -- weights --------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Full CPU state dict of the policy (rank 0 pushes it to the generators).
+    def _engine_step(self) -> None:
+        """DeepSpeed ``step`` (the optimizer runs at the accumulation boundary).
 
-        Under ZeRO-3 the parameters are partitioned: every rank must call this (a collective
-        gather); ranks other than 0 get an empty dict.
+        At the boundary under ZeRO-0 the parameters hold the all-reduced gradients, and
+        DeepSpeed keeps no global norm for a plain fp32 torch optimizer, so take it here
+        (before clipping, as DeepSpeed reports it under ZeRO-1/2/3).
+        """
+        if self.lcfg.get("zero_stage", 0) == 0 and self.engine.is_gradient_accumulation_boundary():
+            sq = [p.grad.detach().float().pow(2).sum() for p in self.engine.module.parameters() if p.grad is not None]
+            self._grad_norm = float(torch.stack(sq).sum().sqrt()) if sq else 0.0
+        self.engine.step()
+
+    def _reported_grad_norm(self) -> float:
+        """DeepSpeed's global gradient norm of the last optimizer step, else the one taken in ``_engine_step``."""
+        norm = self.engine.get_global_grad_norm()
+        if norm is None or float(norm) == 0.0:
+            norm = getattr(self, "_grad_norm", 0.0)
+        return float(norm)
+
+    # -- weights --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _full_state(self):
+        """The policy's full state dict on its device, no copy (rank 0; other ranks get ``{}``).
+
+        Under ZeRO-3 the parameters are partitioned: every rank must enter this (a collective
+        gather) and the tensors are valid only inside it.
         """
         module = self.engine.module
         if self.lcfg.get("zero_stage", 0) == 3:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                if self.rank != 0:
-                    return {}
-                return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-        return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+                yield module.state_dict() if self.rank == 0 else {}
+        else:
+            yield module.state_dict() if self.rank == 0 else {}
+
+    def _joins_export(self) -> bool:
+        """Whether this rank takes part in a weight export (rank 0; every rank under ZeRO-3's gather)."""
+        return self.rank == 0 or self.lcfg.get("zero_stage", 0) == 3
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Full CPU copy of the policy's state dict (rank 0; a collective under ZeRO-3, see ``_full_state``)."""
+        with self._full_state() as state:
+            return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
     def export_weights(self, bucket_bytes: int) -> list:
-        """Put the policy into the object store in buckets; return the object refs (CPU path)."""
+        """Object-store path: the policy in buckets (``actors.weights.put_buckets``); rank 0 returns the refs.
+
+        ``ray.put`` copies each tensor once into shared memory straight from the parameters.
+        """
+        from actors.weights import put_buckets
+
+        if not self._joins_export():
+            return []
+        with self._full_state() as state:
+            return put_buckets(state, bucket_bytes) if state else []
+
+    def weight_plan(self, bucket_bytes: int) -> list:
+        """The bucket table of the policy (names, dtypes, shapes; no data) the broadcast receivers need."""
+        from actors.weights import plan_buckets
+
+        if not self._joins_export():
+            return []
+        with self._full_state() as state:
+            return plan_buckets(state, bucket_bytes) if state else []
+
+    def weight_endpoint(self) -> tuple[str, int]:
+        """(this node's IP, a free port) for the weight group's rendezvous (rank 0 hosts its store)."""
+        import socket
+
         import ray
 
-        from actors.generator import bucketize
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
 
-        if self.rank != 0 and self.lcfg.get("zero_stage", 0) != 3:
-            return []  # rank 0 holds the full weights; only ZeRO-3 needs every rank (gather)
-        state = self.state_dict()
-        return [ray.put(b) for b in bucketize(state, bucket_bytes)] if self.rank == 0 else []
+    def init_weight_group(self, host: str, port: int, world_size: int, backend: str, timeout_s: float = 600.0
+                          ) -> int:
+        """Rank 0: host the weight-broadcast group (rank 0 = this learner, 1..n = generators); blocks until joined."""
+        from actors.weights import WeightGroup
+
+        if self.rank != 0:
+            raise RuntimeError("only learner rank 0 joins the weight group")
+        if getattr(self, "_weight_group", None) is not None:
+            self._weight_group.close()
+        self._weight_group = WeightGroup(host, port, 0, world_size, backend=backend, timeout_s=timeout_s)
+        return 0
+
+    def broadcast_weights(self, bucket_bytes: int) -> int:
+        """Broadcast path: rank 0 sends the policy bucket by bucket to the group; returns the version.
+
+        The generators must be in ``Generator.receive_weights`` with the plan of ``weight_plan``.
+        Under ZeRO-3 every rank must call this (the gather); only rank 0 sends.
+        """
+        if not self._joins_export():
+            return self.version
+        with self._full_state() as state:
+            if state:
+                if getattr(self, "_weight_group", None) is None:
+                    raise RuntimeError("init_weight_group first")
+                self._weight_group.send(state, bucket_bytes)
+        return self.version
 
     def save_pretrained(self, out_dir: str) -> str:
         """Write the policy with ``save_pretrained`` (rank 0 writes; under ZeRO-3 call it on every rank)."""
@@ -234,6 +323,23 @@ class LearnerWorker:
         if self.rank == 0:
             self.engine.module.save_pretrained(out_dir, safe_serialization=True)
         return out_dir
+
+    # -- checkpoints (learner/checkpoint.py) ----------------------------------------------------
+    def save_checkpoint(self, directory: str, client_state: dict[str, Any]) -> str:
+        """DeepSpeed checkpoint of this rank into ``directory`` (every rank must call it) plus its RNG."""
+        from learner.checkpoint import save_engine
+
+        save_engine(self.engine, directory, self.rank, {**client_state, "learner_steps": self.steps})
+        return directory
+
+    def load_checkpoint(self, directory: str) -> dict[str, Any]:
+        """Restore weights, optimizer, LR schedule, RNG and version (every rank); returns the client state."""
+        from learner.checkpoint import load_engine
+
+        client = load_engine(self.engine, directory, self.rank)
+        self.version = int(client.get("version", self.version))
+        self.steps = int(client.get("learner_steps", self.steps))
+        return client
 
     def get_version(self) -> int:
         return self.version

@@ -146,14 +146,14 @@ class ReplayQueue:
 
     # -- learner ----------------------------------------------------------------------------
     async def get(self, max_groups: int, current_version: int, timeout: float | None = None,
-                  min_groups: int | None = None) -> pa.Table | None:
+                  min_groups: int | None = None, partial: bool = True) -> pa.Table | None:
         """Up to ``max_groups`` complete groups as one Arrow table (None if there are none).
 
         ``current_version`` is the learner's policy version now: groups lagging it by more than
         ``max_policy_lag`` are dropped or weighted (see ``stale_mode``). With ``timeout`` None or 0
         it returns at once; otherwise it waits up to ``timeout`` seconds (``math.inf``: no limit)
         until ``min_groups`` (default ``max_groups``) usable groups are complete, then returns what
-        is there.
+        is there; with ``partial=False`` it returns None (taking nothing) unless ``min_groups`` are there.
         """
         if max_groups < 1:
             raise ValueError(f"max_groups={max_groups}: must be >= 1")
@@ -172,6 +172,11 @@ class ReplayQueue:
             except asyncio.TimeoutError:
                 pass
             self.learner_wait_s += time.monotonic() - t0
+        if not partial:
+            if self.store.observe_version(current_version):  # a put may have added stale turns
+                await self._notify()
+            if self.store.n_ready < need:
+                return None
         table = self.store.take(max_groups, current_version)
         self._get_rate.observe(self.store.get_rows_total, time.monotonic())
         await self._notify()
@@ -185,6 +190,10 @@ class ReplayQueue:
     async def num_complete(self) -> int:
         """Complete groups waiting (stale ones are dropped at the next get)."""
         return self.store.n_ready
+
+    async def held(self, group_ids: list[int]) -> list[int]:
+        """Those of ``group_ids`` the queue holds now, complete or not."""
+        return self.store.held(group_ids)
 
     # -- state ------------------------------------------------------------------------------
     async def snapshot(self, path: str) -> dict[str, Any]:

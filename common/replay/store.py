@@ -45,7 +45,7 @@ from common.replay.wire import read_ipc_file, write_ipc_file
 
 log = logging.getLogger(__name__)
 
-STALENESS_WEIGHT = "staleness_weight"  # float32, only in tables released in "reweight" mode
+STALENESS_WEIGHT = S.STALENESS_WEIGHT  # float32, only in tables released in "reweight" mode
 STALE_MODES = ("drop", "reweight")
 COUNTERS = ("put_rows_total", "get_rows_total", "get_groups_total", "dropped_stale_groups",
              "dropped_stale_rows", "reweighted_stale_groups", "dropped_duplicate_rows", "dropped_late_rows",
@@ -366,6 +366,10 @@ class ReplayStore:
     def n_groups(self) -> int:
         """Groups held, complete or not."""
         return len(self._groups)
+
+    def held(self, group_ids: Iterable[int]) -> list[int]:
+        """Those of ``group_ids`` held now, complete or not (not yet released, dropped or aborted)."""
+        return [int(g) for g in group_ids if int(g) in self._groups]
 
     # -- spill ------------------------------------------------------------------------------
     @property

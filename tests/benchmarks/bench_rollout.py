@@ -23,7 +23,11 @@ Methods (each in the same process, interleaved, best of ``--repeats``):
 * ``naive``: per turn, one left-padded batch of every live episode's *full* history through
   ``model.generate`` (the whole conversation prefilled again every turn);
 * ``session``: :meth:`HFEngine.generate_turns` (KV kept across turns, only new tokens
-  prefilled, group prompts prefilled once, rows leave the batch when they stop).
+  prefilled, group prompts prefilled once, rows leave the batch when they stop);
+* ``streaming``: the same engine through ``submit`` / ``step`` (an episode's next turn joins
+  the running batch as soon as its action ends);
+* ``modules`` (with ``--compare-modules``): ``session`` with ``lean_forward=False``, i.e. the
+  transformers modules instead of :mod:`actors.lean_forward` (same tokens, bit for bit).
 
 Action tokens/s = sampled action tokens / wall seconds, best of the repeats per method (the
 least disturbed run on a shared machine); also per CPU second of this process (torch runs
@@ -178,7 +182,7 @@ def run_streaming(engine: HFEngine, ep: Episodes, turns: int, cap: int, seed: in
 
 
 def bench(name: str, model, tok, *, questions: int, group: int, turns: int, cap: int, repeats: int,
-          fixed_lengths: bool, seed: int = 0) -> dict:
+          fixed_lengths: bool, seed: int = 0, compare_modules: bool = False) -> dict:
     model.eval()
     msgs, obs = load_workload(tok, questions, turns, seed)
     stops = [tok.convert_tokens_to_ids("</tool>"), tok.convert_tokens_to_ids("</answer>"), tok.eos_token_id]
@@ -190,11 +194,14 @@ def bench(name: str, model, tok, *, questions: int, group: int, turns: int, cap:
                    for _ in range(questions * group)]
     engine = HFEngine(model, tok)
     engine.eos_ids = set() if fixed_lengths else set(stops)
-    res = {"naive": [], "session": [], "streaming": []}
+    modules = HFEngine(model, tok, lean_forward=False)
+    modules.eos_ids = engine.eos_ids
+    methods = ["naive", "session", "streaming"] + (["modules"] if compare_modules else [])
+    res = {m: [] for m in methods}
     run_session(engine, Episodes(tok, msgs[:1], obs[:1], 2), 2, 4, 0, "warm")  # warm-up
     run_naive(model, tok, Episodes(tok, msgs[:1], obs[:1], 2), 2, 4, stops, 0, None)
     for r in range(repeats):
-        for method in ("naive", "session", "streaming") if r % 2 == 0 else ("streaming", "session", "naive"):
+        for method in methods if r % 2 == 0 else methods[::-1]:
             ep = Episodes(tok, msgs, obs, group)
             c0 = time.process_time()
             t0 = time.perf_counter()
@@ -202,6 +209,8 @@ def bench(name: str, model, tok, *, questions: int, group: int, turns: int, cap:
                 n = run_naive(model, tok, ep, turns, cap, stops, seed + r, lengths)
             elif method == "session":
                 n = run_session(engine, ep, turns, cap, seed + r, f"r{r}", lengths)
+            elif method == "modules":
+                n = run_session(modules, ep, turns, cap, seed + r, f"m{r}", lengths)
             else:
                 n = run_streaming(engine, ep, turns, cap, seed + r, f"s{r}", lengths)
             dt = time.perf_counter() - t0
@@ -225,8 +234,12 @@ def bench(name: str, model, tok, *, questions: int, group: int, turns: int, cap:
         "naive_cpu_tok_s": round(best_cpu["naive"], 1), "session_cpu_tok_s": round(best_cpu["session"], 1),
         "streaming_cpu_tok_s": round(best_cpu["streaming"], 1),
         "ratio_cpu": round(max(best_cpu["session"], best_cpu["streaming"]) / best_cpu["naive"], 2),
-        "engine_stats": engine.session_stats(),
+        "engine_stats": engine.session_stats(), "lean_forward": engine.lean_forward,
     }
+    if compare_modules:
+        out["modules_tok_s"] = round(best["modules"], 1)
+        out["lean_over_modules"] = round(best["session"] / best["modules"], 2)
+        out["lean_over_modules_cpu"] = round(best_cpu["session"] / best_cpu["modules"], 2)
     print(json.dumps(out), flush=True)
     return out
 
@@ -238,6 +251,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (2 oversubscribes a shared 2-core box)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--compare-modules", action="store_true",
+                    help="also run the session engine on the transformers modules (lean_forward=False)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -254,21 +269,24 @@ def main() -> None:
     if not args.big_only:
         results += [
             bench(small_name, small, tok, questions=8, group=8, turns=args.turns, cap=48, repeats=args.repeats,
-                  fixed_lengths=small_fixed),
+                  fixed_lengths=small_fixed, compare_modules=args.compare_modules),
             bench(small_name, small, tok, questions=8, group=8, turns=2, cap=48, repeats=args.repeats,
-                  fixed_lengths=small_fixed),
+                  fixed_lengths=small_fixed, compare_modules=args.compare_modules),
         ]
     if not args.quick:
         big = build_demo_model(len(tok), hidden=768, layers=12, heads=12, kv_heads=2, intermediate=3072,
                                max_positions=2048, seed=0)
         results.append(bench("qwen2-100M(random)", big, tok, questions=2, group=4, turns=3, cap=16,
-                             repeats=max(1, args.repeats - 1), fixed_lengths=True))
+                             repeats=max(1, args.repeats - 1), fixed_lengths=True,
+                             compare_modules=args.compare_modules))
     for r in results:
         print(f"{r['name']:>24} params={r['params'] / 1e6:.1f}M episodes={r['episodes']} turns={r['turns']}: "
               f"naive {r['naive_tok_s']} tok/s, session {r['session_tok_s']} tok/s (x{r['ratio_session']}), "
               f"streaming {r['streaming_tok_s']} tok/s; best x{r['ratio_best']} (median of pairs "
               f"x{r['ratio_median_pairs']}); per CPU second: naive {r['naive_cpu_tok_s']}, session "
-              f"{r['session_cpu_tok_s']}, streaming {r['streaming_cpu_tok_s']}: x{r['ratio_cpu']}")
+              f"{r['session_cpu_tok_s']}, streaming {r['streaming_cpu_tok_s']}: x{r['ratio_cpu']}"
+              + (f"; lean forward / modules x{r['lean_over_modules']} (CPU x{r['lean_over_modules_cpu']})"
+                 if "lean_over_modules" in r else ""))
     print(f"bench_rollout ratio: {results[0]['ratio_best']:.2f}")
 
 

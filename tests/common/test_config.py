@@ -31,6 +31,12 @@ def test_unknown_key_gets_did_you_mean(tmp_path):
     ("env.protocol=xml", "env.protocol"),
     ("learner.zero_stage=5", "learner.zero_stage"),
     ("learner.total_steps=ten", "learner.total_steps"),
+    ("queue.stale_mode=keep", "queue.stale_mode"),
+    ("queue.stale_decay=0", "queue.stale_decay"),
+    ("queue.capacity_bytes=0", "queue.capacity_bytes"),
+    ("queue.put_timeout_s=0", "queue.put_timeout_s"),
+    ("rollout.mode=asynchronous", "rollout.mode"),
+    ("env.step_latency_s=-1", "env.step_latency_s"),
 ])
 def test_bad_values_name_field_and_rule(override, field):
     with pytest.raises(ConfigError) as e:
@@ -58,3 +64,33 @@ def test_vllm_backend_rejected_without_gpu():
         pytest.skip("a GPU is present")
     with pytest.raises(ConfigError, match="generators.backend"):
         load_config(None, ["generators.backend=vllm"])
+
+
+def test_cross_section_rules_fail_at_load_naming_fields_values_and_rules():
+    """Placement and weight-sync rules run in Config.validate, i.e. before Ray starts."""
+    from common.config import weight_sync_mode
+
+    with pytest.raises(ConfigError, match=r"`generators.num` = 2: with placement.colocate"):
+        load_config(None, ["learner.num_ranks=1", "generators.num=2", "placement.colocate=true"])
+    with pytest.raises(ConfigError, match=r"`learner.weight_sync` = 'bcast': must be auto, object_store or broadcast"):
+        load_config(None, ["learner.weight_sync=bcast"])
+    colocated = ["learner.num_gpus=0.5", "generators.num_gpus=0.5", "placement.colocate=true"]
+    with pytest.raises(ConfigError, match=r"`learner.weight_sync` = 'broadcast' with `placement.colocate` = true"):
+        load_config(None, colocated + ["learner.weight_sync=broadcast"])
+    # auto: broadcast (NCCL) only when both ends have GPUs of their own; gloo when asked for on CPU
+    assert weight_sync_mode(load_config(None, [])) == ("object_store", None)
+    assert weight_sync_mode(load_config(None, colocated)) == ("object_store", None)
+    assert weight_sync_mode(load_config(None, ["learner.num_gpus=1", "generators.num_gpus=1"])) == ("broadcast", "nccl")
+    assert weight_sync_mode(load_config(None, ["learner.weight_sync=broadcast"])) == ("broadcast", "gloo")
+
+
+def test_queue_section_configures_the_replay_queue():
+    from common.replay_queue import ReplayQueue
+
+    cfg = load_config(REPO / "deploy/configs/local.yaml", [
+        "queue.stale_mode=reweight", "queue.stale_decay=0.25", "queue.capacity_bytes=1000000",
+        "queue.memory_bytes=5000", "queue.put_timeout_s=3"])
+    q = ReplayQueue(**cfg.queue.queue_kwargs())  # the driver builds the actor exactly so
+    s = q.store
+    assert (s.stale_mode, s.stale_decay, s.capacity_bytes, s.memory_bytes) == ("reweight", 0.25, 1000000, 5000)
+    assert (s.capacity_rows, s.max_policy_lag, q.put_timeout_s) == (100000, 1, 3.0)

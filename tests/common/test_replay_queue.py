@@ -310,6 +310,21 @@ def test_get_waits_for_enough_fresh_groups_or_timeout() -> None:
     assert st[M.QUEUE_GET_GROUPS] == 4
 
 
+def test_get_without_partial_takes_all_or_nothing() -> None:
+    q = ReplayQueue(max_policy_lag=1)
+
+    async def go():
+        await q.put(batch(group_rows(0, version=3)))
+        await q.put(batch(group_rows(1, version=1)))  # stale at version 3: dropped, does not count
+        assert await q.get(2, 3, timeout=0.02, min_groups=2, partial=False) is None
+        assert await q.num_complete() == 1  # nothing was taken
+        assert await q.held([0, 1, 2]) == [0]  # group 1 was dropped as stale, group 2 never arrived
+        await q.put(batch(group_rows(2, version=3)))
+        return await q.get(2, 3, timeout=0.02, min_groups=2, partial=False)
+
+    assert sorted(set(run(go()).column(S.GROUP_ID).to_pylist())) == [0, 2]
+
+
 # -- spill, snapshot, metrics --------------------------------------------------------------------
 def _mixed_batches(seed: int, n_groups: int = 6, size: int = 3) -> list[pa.RecordBatch]:
     """Turns of several groups, interleaved the way a rollout worker streams them."""

@@ -50,3 +50,17 @@ def test_incomplete_episode_rejected():
 def test_turn_gap_rejected():
     with pytest.raises(ValueError, match="not contiguous"):
         assemble(table([row(1, 0, [1], [2], [3], False), row(1, 2, [], [4], [], True)]), pad_id=0)
+
+
+def test_staleness_weights_come_from_the_queue_in_reweight_mode():
+    from common.replay_queue import ReplayStore
+
+    store = ReplayStore(max_policy_lag=0, stale_mode="reweight", stale_decay=0.5)
+    old = [row(1, 0, [1], [2], [], True, group=0), row(2, 0, [1], [3], [], True, group=0)]
+    new = [{**r, S.POLICY_VERSION: 3} for r in (row(3, 0, [1], [4], [], True, group=1),
+                                                  row(4, 0, [1], [5], [], True, group=1))]
+    store.put(S.transitions_to_batch(old + new))
+    b = assemble(store.take(2, current_version=3), pad_id=0)
+    assert b.episode_ids.tolist() == [1, 2, 3, 4]
+    assert b.staleness_weights.tolist() == [0.25, 0.25, 1.0, 1.0]  # group 0 lags 3 - 1 = 2 versions: 0.5 ** 2
+    assert assemble(table(old), pad_id=0).staleness_weights.tolist() == [1.0, 1.0]  # "drop" mode: no column

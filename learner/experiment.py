@@ -1,0 +1,406 @@
+"""``turnrl experiment``: the credit-assignment comparison as one resumable grid of training runs.
+
+    for seed in seeds:                       (seed-major: an interrupted grid still holds whole seeds)
+        for task in tasks:                   (two_turn, multi_hop, ...)
+            for estimator in [warm_start?] + task.estimators:
+                run = base config + common overrides + task overrides + CLI overrides
+                      + algorithm.advantage=<estimator> run.seed=<seed> run.run_dir=<out>/<task>-<estimator>-seed<seed>
+                skip it if <run_dir>/eval.json exists; redo it from scratch if the directory is partial
+    write docs/results.md (learner.results) from every finished run
+
+``warm_start`` is a pseudo-estimator: the same run with ``learner.total_steps=0``, so its
+``trained`` evaluation is the untrained starting policy, on the same held-out questions and
+sampling seed as the trained runs of that seed.
+
+Runs execute one after another in this process, in one Ray session: ``learner.driver.train``
+starts Ray on the first run and finds it running afterwards; each run kills its own actors and
+frees its placement group when it ends (``Trainer.close``). That saves the Ray start-up and the
+Python imports of a subprocess per run. A run that raises is logged and recorded as failed; Ray
+is then restarted (when this process started it) so one broken run cannot poison the next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import time
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from common.config import Config, ConfigError, _build, load_config
+
+log = logging.getLogger(__name__)
+
+WARM_START = "warm_start"  # pseudo-estimator: evaluate the starting policy (learner.total_steps=0)
+ESTIMATOR_KEY = "algorithm.advantage"  # the run-config field that selects the credit estimator
+GRID_KEYS = (ESTIMATOR_KEY, "run.seed", "run.name", "run.run_dir")  # set by the grid, never by overrides
+STATE_FILE = "experiment.json"  # <out_dir>/experiment.json: the commands and sessions that built the grid
+_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+@dataclass
+class TaskConfig:
+    estimators: list[str] = field(default_factory=list)  # credit estimators trained on this task
+    overrides: dict[str, Any] = field(default_factory=dict)  # run-config overrides (dotted keys) for this task
+
+
+@dataclass
+class ReportConfig:
+    path: str = "docs/results.md"  # the generated report (its "## Discussion" section is kept on rewrite)
+    figures_dir: str = "docs/results"  # learning-curve PNGs, one per task
+    readme: str | None = "README.md"  # file whose <!-- results:start/end --> block gets the headline table (null: none)
+    smooth: int = 3  # moving-average window (steps) applied to each seed's curve before averaging
+
+    def validate(self, p: str) -> None:
+        if self.smooth < 1:
+            raise ConfigError(f"config field `{p}.smooth` = {self.smooth!r}: must be >= 1")
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "credit"  # prefix of every run name (run.name)
+    base_config: str = "deploy/configs/local.yaml"  # run config every run starts from
+    out_dir: str = "runs/credit-comparison"  # run directories: <out_dir>/<task>-<estimator>-seed<seed>
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # run.seed of the repeats
+    warm_start_baseline: bool = True  # also evaluate the untrained policy per task and seed
+    common: dict[str, Any] = field(default_factory=dict)  # run-config overrides (dotted keys) for every run
+    tasks: dict[str, TaskConfig] = field(default_factory=dict)  # task name -> estimators and task overrides
+    report: ReportConfig = field(default_factory=ReportConfig)  # where the results go
+
+    def validate(self) -> None:
+        from learner.credit import ESTIMATORS
+
+        if not _NAME.match(self.name):
+            raise ConfigError(f"config field `name` = {self.name!r}: must match {_NAME.pattern}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"config field `seeds` = {self.seeds!r}: must be a non-empty list without repeats")
+        if not self.tasks:
+            raise ConfigError("config field `tasks` = {}: name at least one task")
+        _check_overrides(self.common, "common")
+        for task, spec in self.tasks.items():
+            if not _NAME.match(task):
+                raise ConfigError(f"config field `tasks.{task}`: task names must match {_NAME.pattern}")
+            if not spec.estimators or len(set(spec.estimators)) != len(spec.estimators):
+                raise ConfigError(f"config field `tasks.{task}.estimators` = {spec.estimators!r}: "
+                                  "must be a non-empty list without repeats")
+            for est in spec.estimators:
+                if est not in ESTIMATORS:
+                    raise ConfigError(f"config field `tasks.{task}.estimators` holds {est!r}: "
+                                      f"must be one of {sorted(ESTIMATORS)}")
+            _check_overrides(spec.overrides, f"tasks.{task}.overrides")
+        self.report.validate("report")
+
+
+def _check_overrides(overrides: Any, where: str) -> None:
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"config field `{where}` = {overrides!r}: must be a mapping of dotted keys to values")
+    for key in overrides:
+        if not isinstance(key, str) or "." not in key:
+            raise ConfigError(f"config field `{where}` has key {key!r}: must be a dotted run-config key "
+                              "such as learner.total_steps")
+        if key in GRID_KEYS:
+            raise ConfigError(f"config field `{where}` sets `{key}`: the grid sets {', '.join(GRID_KEYS)}")
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Load and validate an experiment YAML; errors name the field, the value and the rule."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"experiment config {str(p)!r} does not exist")
+    tree = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"experiment config {str(p)!r} must hold a YAML mapping at the top level")
+    tasks = tree.pop("tasks", {}) or {}
+    if not isinstance(tasks, dict):
+        raise ConfigError(f"config field `tasks` = {tasks!r}: must be a mapping of task name to task")
+    exp = _build(ExperimentConfig, tree, "")
+    for name, spec in tasks.items():
+        if not isinstance(spec, dict):
+            raise ConfigError(f"config field `tasks.{name}` = {spec!r}: must be a mapping with estimators, overrides")
+    exp.tasks = {str(name): _build(TaskConfig, spec, f"tasks.{name}") for name, spec in tasks.items()}
+    exp.validate()
+    return exp
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid (pure)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One cell of the grid: which task, estimator and seed, where it lives, and its overrides."""
+
+    task: str
+    estimator: str
+    seed: int
+    run_dir: Path
+    overrides: tuple[str, ...]  # dotted key=value strings for load_config(base_config, overrides)
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+
+def override_args(overrides: dict[str, Any]) -> list[str]:
+    """``{"learner.lr": 0.001, "run.name": "a"}`` -> ``["learner.lr=0.001", "run.name=a"]``.
+
+    Values are written as JSON (valid YAML for ``load_config``), strings bare when YAML reads them back
+    unchanged.
+    """
+    out = []
+    for key, value in overrides.items():
+        text = json.dumps(value)
+        if isinstance(value, str) and value and yaml.safe_load(value) == value:
+            text = value
+        out.append(f"{key}={text}")
+    return out
+
+
+def merge_args(*groups: list[str]) -> list[str]:
+    """Concatenate ``key=value`` lists, keeping only the last value of each key (in its last position)."""
+    last = {item.split("=", 1)[0].strip(): i for i, item in enumerate(a for g in groups for a in g)}
+    flat = [a for g in groups for a in g]
+    return [a for i, a in enumerate(flat) if last[a.split("=", 1)[0].strip()] == i]
+
+
+def expand_grid(exp: ExperimentConfig, *, out_dir: str | Path | None = None,
+                extra: list[str] | tuple[str, ...] = ()) -> list[RunSpec]:
+    """Every run of the experiment, seed-major, with its full override list.
+
+    Override order (later wins): ``common``, the task's ``overrides``, ``extra`` (command line),
+    then the grid's own keys (:data:`GRID_KEYS`; ``warm_start`` adds ``learner.total_steps=0``).
+    """
+    for item in extra:
+        key = item.split("=", 1)[0].strip()
+        if key in GRID_KEYS:
+            raise ConfigError(f"config override {item!r}: the grid sets {', '.join(GRID_KEYS)}")
+    root = Path(out_dir if out_dir is not None else exp.out_dir)
+    runs = []
+    for seed in exp.seeds:
+        for task, spec in exp.tasks.items():
+            estimators = ([WARM_START] if exp.warm_start_baseline else []) + list(spec.estimators)
+            for est in estimators:
+                run_dir = root / f"{task}-{est}-seed{seed}"
+                grid = {"run.seed": seed, "run.name": f"{exp.name}-{run_dir.name}", "run.run_dir": str(run_dir)}
+                if est == WARM_START:
+                    grid["learner.total_steps"] = 0
+                else:
+                    grid[ESTIMATOR_KEY] = est
+                args = merge_args(override_args(exp.common), override_args(spec.overrides), list(extra),
+                                  override_args(grid))
+                runs.append(RunSpec(task, est, seed, run_dir, tuple(args)))
+    return runs
+
+
+def select_runs(runs: list[RunSpec], patterns: list[str] | None) -> list[RunSpec]:
+    """Runs whose name (``<task>-<estimator>-seed<seed>``) matches any glob in ``patterns`` (all if none)."""
+    if not patterns:
+        return list(runs)
+    chosen = [r for r in runs if any(fnmatch(r.name, p) for p in patterns)]
+    if not chosen:
+        raise ConfigError(f"--only {patterns!r} matches no run; runs are named like {runs[0].name!r}")
+    return chosen
+
+
+def run_status(run_dir: Path) -> str:
+    """``done`` (eval.json holds a ``trained`` evaluation), ``partial`` (directory without it) or ``missing``."""
+    try:
+        if "trained" in json.loads((run_dir / "eval.json").read_text()):
+            return "done"
+    except (OSError, ValueError):
+        pass
+    return "partial" if run_dir.exists() else "missing"
+
+
+def config_drift(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose value differs between a finished run's config.yaml and the grid's config now."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        a, b, path = saved.get(key), current.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_drift(a, b, f"{path}.")
+        elif a != b:
+            diffs.append(f"{path}: {a!r} -> {b!r}")
+    return diffs
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """What one invocation did: run names trained, skipped (already done) and failed."""
+
+    trained: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+def run_grid(exp: ExperimentConfig, runs: list[RunSpec], *,
+             train_fn: Callable[[Config], Any] | None = None) -> Outcome:
+    """Train every run of ``runs`` that is not done, one after another in this process.
+
+    Every run's config is built and validated before the first one starts. A partial run
+    directory is deleted and the run redone; a done run is skipped (with a warning when its saved
+    config differs from what the grid would use now). Ray is shut down at the end, and after a
+    failed run, only if this call started it.
+    """
+    import ray
+
+    if train_fn is None:
+        from learner.driver import train as train_fn
+    configs = build_configs(exp, runs)
+    owns_ray = not ray.is_initialized()
+    out, t_start = Outcome(), time.time()
+    todo = [s for s in runs if run_status(s.run_dir) != "done"]
+    log.info("experiment: %d run(s) selected, %d done already, %d to train", len(runs), len(runs) - len(todo),
+             len(todo))
+    try:
+        for spec in runs:
+            cfg = configs[spec.name]
+            status = run_status(spec.run_dir)
+            if status == "done":
+                _warn_drift(spec, cfg)
+                out.skipped.append(spec.name)
+                continue
+            if status == "partial":
+                log.info("run %s: partial directory, redoing it from scratch", spec.name)
+                shutil.rmtree(spec.run_dir)
+            left = len(todo) - len(out.trained) - len(out.failed)
+            per_run = (time.time() - t_start) / max(1, len(out.trained) + len(out.failed))
+            eta = f", about {per_run * left / 60:.0f} min left" if out.trained or out.failed else ""
+            log.info("run %s (%d of %d to train%s)", spec.name, len(todo) - left + 1, len(todo), eta)
+            t0 = time.time()
+            try:
+                train_fn(cfg)
+            except Exception:  # noqa: BLE001 - record it, keep the grid going; a rerun redoes it
+                log.exception("run %s failed after %.0f s; it will be redone by the next invocation",
+                              spec.name, time.time() - t0)
+                out.failed.append(spec.name)
+                if owns_ray and ray.is_initialized():
+                    ray.shutdown()  # the next run starts a clean Ray session
+                continue
+            out.trained.append(spec.name)
+            log.info("run %s finished in %.0f s", spec.name, time.time() - t0)
+    finally:
+        if owns_ray and ray.is_initialized():
+            ray.shutdown()
+        out.wall_s = time.time() - t_start
+    return out
+
+
+def build_configs(exp: ExperimentConfig, runs: list[RunSpec]) -> dict[str, Config]:
+    """Every run's validated config by run name; a ``ConfigError`` names the run, the field and the rule."""
+    configs = {}
+    for spec in runs:
+        try:
+            configs[spec.name] = load_config(exp.base_config, list(spec.overrides))
+        except ConfigError as e:
+            raise ConfigError(f"run {spec.name}: {e}") from e
+    return configs
+
+
+def _warn_drift(spec: RunSpec, cfg: Config) -> None:
+    try:
+        saved = yaml.safe_load((spec.run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return
+    diffs = config_drift(saved or {}, cfg.to_dict())
+    if diffs:
+        log.warning("run %s is done but was trained with a different config (delete it to redo): %s",
+                    spec.name, "; ".join(diffs[:8]) + (" ..." if len(diffs) > 8 else ""))
+
+
+def record_session(out_dir: Path, command: str, outcome: Outcome, started: float) -> dict[str, Any]:
+    """Append this invocation to ``<out_dir>/experiment.json``; return the whole state."""
+    path = out_dir / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        state = {"sessions": []}
+    state["sessions"].append({"command": command, "started": started, "wall_s": outcome.wall_s,
+                              **{k: v for k, v in dataclasses.asdict(outcome).items() if k != "wall_s"}})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(state, indent=1))
+    return state
+
+
+def read_state(out_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((out_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {"sessions": []}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``turnrl experiment`` arguments (mounted by ``common.cli``)."""
+    parser.add_argument("--config", default="deploy/configs/experiment.yaml", help="experiment YAML")
+    parser.add_argument("--out", default=None, help="directory of the run directories (default: out_dir)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="GLOB",
+                        help="train only runs whose name matches, e.g. 'two_turn-*' '*-seed0'")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report from finished runs")
+    parser.add_argument("--no-report", action="store_true", help="train, but do not rewrite the report")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and their status, train nothing")
+    parser.add_argument("overrides", nargs="*", help="run-config overrides for every run, e.g. learner.lr=1e-3")
+
+
+def run_experiment_command(args: argparse.Namespace, argv: list[str]) -> int:
+    """``turnrl experiment``: train the grid (or a part of it) and write the report."""
+    from learner.results import write_report
+
+    try:
+        exp = load_experiment(args.config)
+        runs = expand_grid(exp, out_dir=args.out, extra=args.overrides)
+        selected = select_runs(runs, args.only)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    out_dir = Path(args.out or exp.out_dir)
+    if args.dry_run:
+        try:
+            build_configs(exp, selected)
+        except ConfigError as e:
+            log.error("%s", e)
+            return 2
+        for spec in selected:
+            print(f"{run_status(spec.run_dir):8} {spec.name:40} turnrl train --config {exp.base_config} "
+                  + shlex.join(spec.overrides))
+        return 0
+    failed: list[str] = []
+    if not args.report_only:
+        started = time.time()
+        try:
+            outcome = run_grid(exp, selected)
+        except ConfigError as e:
+            log.error("%s", e)
+            return 2
+        record_session(out_dir, shlex.join(["turnrl", *argv]), outcome, started)
+        failed = outcome.failed
+        log.info("experiment: trained %d, skipped %d (done), failed %d, in %.1f min", len(outcome.trained),
+                 len(outcome.skipped), len(failed), outcome.wall_s / 60)
+    if not args.no_report:
+        path = write_report(exp, runs, read_state(out_dir), os.cpu_count() or 0)
+        log.info("report written to %s", path)
+    if failed:
+        log.error("failed runs (rerun the same command to redo them): %s", ", ".join(failed))
+        return 1
+    return 0

@@ -1,0 +1,315 @@
+"""The comparison report: finished runs -> ``docs/results.md``, learning-curve PNGs, README block.
+
+Numbers come from each run's ``eval.json`` (held-out evaluation of the trained policy: ``trained``
+sampled at the training temperature, ``trained_greedy`` greedy) and ``metrics.jsonl`` (training
+batches per step). Each cell is ``mean ± std`` over the finished seeds of one (task, estimator),
+with the sample standard deviation (n - 1 in the denominator; 0 with one seed).
+
+Regenerating keeps the hand-written ``## Discussion`` section of an existing report (from its
+heading to the next ``## `` heading) and rewrites only the README lines between
+``<!-- results:start -->`` and ``<!-- results:end -->``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+from common import metrics as M
+
+if TYPE_CHECKING:
+    from learner.experiment import ExperimentConfig, RunSpec
+
+log = logging.getLogger(__name__)
+
+# eval.json summary key -> column title (the paper's table: tool execution, search result
+# contains the answer, exact match, format)
+COLUMNS = (("tool_success", "tool-execution success"), ("answer_in_result", "answer in search result"),
+           ("exact_match", "exact match"), ("format", "format score"))
+CURVES = ((M.REWARD_TOTAL, "reward (turn + outcome)"), (M.ANSWER_IN_RESULT, "answer in search result"),
+          (M.EXACT_MATCH, "exact match"))
+SAMPLED, GREEDY = "trained", "trained_greedy"
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+DISCUSSION = "## Discussion"
+DISCUSSION_PLACEHOLDER = (
+    f"{DISCUSSION}\n\n"
+    "<!-- Written by hand after reading the numbers: where the paper's claim (turn-level credit beats\n"
+    "outcome-only GRPO on tool use and on the final answer) holds here and where it does not.\n"
+    "`turnrl experiment` keeps this section when it regenerates the file. -->\n\n"
+    "_To be written after the comparison has run._\n"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure aggregation
+# ---------------------------------------------------------------------------------------------
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
+    """``(mean, sample std, n)``; std uses n - 1 and is 0 for one value; ``(nan, nan, 0)`` for none."""
+    xs = [float(v) for v in values]
+    n = len(xs)
+    if n == 0:
+        return math.nan, math.nan, 0
+    mean = sum(xs) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
+    return mean, std, n
+
+
+def aggregate(records: list[dict[str, Any]], eval_key: str) -> dict[tuple[str, str], dict[str, tuple]]:
+    """``{(task, estimator): {column: (mean, std, n)}}`` over the records' ``eval[eval_key]``."""
+    groups: dict[tuple[str, str], list[dict[str, float]]] = {}
+    for r in records:
+        if isinstance(r["eval"].get(eval_key), dict):
+            groups.setdefault((r["task"], r["estimator"]), []).append(r["eval"][eval_key])
+    return {key: {col: mean_std(e[col] for e in evals if col in e) for col, _ in COLUMNS}
+            for key, evals in groups.items()}
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average over ``window`` points (shorter at the start)."""
+    out = []
+    for i in range(len(values)):
+        part = values[max(0, i - window + 1):i + 1]
+        out.append(sum(part) / len(part))
+    return out
+
+
+def mean_curve(curves: list[dict[int, float]], window: int = 1) -> tuple[list[int], list[float], list[float]]:
+    """Steps logged by every seed, and the mean and sample std over seeds of the smoothed curves."""
+    if not curves:
+        return [], [], []
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    smoothed = [smooth([c[s] for s in steps], window) for c in curves]
+    stats = [mean_std(col) for col in zip(*smoothed)]
+    return steps, [m for m, _, _ in stats], [s for _, s, _ in stats]
+
+
+def fmt_cell(stat: tuple[float, float, int] | None) -> str:
+    if stat is None or stat[2] == 0:
+        return "–"
+    return f"{stat[0]:.3f} ± {stat[1]:.3f}"
+
+
+def markdown_table(agg: dict[tuple[str, str], dict[str, tuple]], task: str, estimators: list[str],
+                   num_seeds: int) -> str:
+    """One row per estimator of ``task``: every column as mean ± std, then how many seeds finished."""
+    head = "| estimator | " + " | ".join(t for _, t in COLUMNS) + " | seeds |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+    for est in estimators:
+        cells = agg.get((task, est), {})
+        n = max((s[2] for s in cells.values()), default=0)
+        lines.append(f"| {est} | " + " | ".join(fmt_cell(cells.get(c)) for c, _ in COLUMNS)
+                     + f" | {n}/{num_seeds} |")
+    return "\n".join(lines)
+
+
+def extract_section(text: str, heading: str) -> str | None:
+    """The lines from ``heading`` up to (not including) the next level-2 heading, or None."""
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.rstrip() == heading:
+            j = i + 1
+            while j < len(lines) and not lines[j].startswith("## "):
+                j += 1
+            return "".join(lines[i:j])
+    return None
+
+
+def keep_discussion(old: str | None, new: str) -> str:
+    """``new`` with its Discussion section replaced by the one in ``old`` (if ``old`` has one)."""
+    kept = extract_section(old, DISCUSSION) if old else None
+    fresh = extract_section(new, DISCUSSION)
+    if kept is None or fresh is None:
+        return new
+    if not kept.endswith("\n\n"):
+        kept = kept.rstrip("\n") + "\n\n"
+    return new.replace(fresh, kept, 1)
+
+
+def replace_block(text: str, block: str, start: str = README_START, end: str = README_END) -> str | None:
+    """``text`` with the lines between the ``start`` and ``end`` markers replaced; None without markers."""
+    i, j = text.find(start), text.find(end)
+    if i < 0 or j < i:
+        return None
+    return text[:i + len(start)] + "\n" + block.strip("\n") + "\n" + text[j:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading runs, plotting, writing
+# ---------------------------------------------------------------------------------------------
+
+
+def load_records(runs: list[RunSpec]) -> list[dict[str, Any]]:
+    """Finished runs (``eval.json`` with a ``trained`` entry) with their eval and per-step curves."""
+    records = []
+    for spec in runs:
+        try:
+            ev = json.loads((spec.run_dir / "eval.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if SAMPLED not in ev:
+            continue
+        curves: dict[str, dict[int, float]] = {key: {} for key, _ in CURVES}
+        metrics_path = spec.run_dir / "metrics.jsonl"
+        if metrics_path.exists():
+            for line in metrics_path.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    for key, _ in CURVES:
+                        if isinstance(row.get(key), (int, float)):
+                            curves[key][int(row["step"])] = float(row[key])
+        records.append({"task": spec.task, "estimator": spec.estimator, "seed": spec.seed, "name": spec.name,
+                        "run_dir": spec.run_dir,
+                        "eval": ev, "curves": curves, "wall_s": float(ev.get("wall_time_s", 0.0)),
+                        "steps": ev.get("steps")})
+    return records
+
+
+def plot_task(records: list[dict[str, Any]], task: str, estimators: list[str], out_path: Path,
+              window: int, colours: dict[str, str] | None = None) -> Path | None:
+    """One PNG per task: each curve of :data:`CURVES` vs step, a line per estimator (mean over seeds,
+    band ± 1 std); ``colours`` keeps an estimator's colour the same across tasks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in records if r["task"] == task and any(r["curves"][k] for k, _ in CURVES)]
+    if not runs:
+        return None
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.4))
+    for ax, (key, title) in zip(axes, CURVES):
+        for est in estimators:
+            steps, mean, std = mean_curve([r["curves"][key] for r in runs if r["estimator"] == est and
+                                           r["curves"][key]], window)
+            if not steps:
+                continue
+            n = sum(1 for r in runs if r["estimator"] == est)
+            (line,) = ax.plot(steps, mean, lw=1.8, label=f"{est} (n={n})", color=(colours or {}).get(est))
+            ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=line.get_color(), alpha=0.18, lw=0)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{task}: training batches, mean over seeds ± 1 std (moving average {window})", fontsize=10)
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def _overrides_text(overrides: dict[str, Any]) -> str:
+    return ", ".join(f"`{k}={json.dumps(v)}`" for k, v in overrides.items()) or "none"
+
+
+def wall_time_line(state: dict[str, Any], records: list[dict[str, Any]], cpus: int) -> str:
+    sessions = [s for s in state.get("sessions", []) if s.get("trained") or s.get("failed")]
+    elapsed = sum(s.get("wall_s", 0.0) for s in sessions)
+    runs_sum = sum(r["wall_s"] for r in records)
+    return (f"**Wall time:** {elapsed / 60:.1f} min elapsed over {len(sessions)} invocation(s) that trained "
+            f"runs; the {len(records)} finished runs took {runs_sum / 60:.1f} min together "
+            f"(per-run `wall_time_s`), on a machine with {cpus} CPU core(s).")
+
+
+def render(exp: ExperimentConfig, records: list[dict[str, Any]], state: dict[str, Any], figures: dict[str, Path],
+           report_path: Path, cpus: int, total_runs: int) -> tuple[str, str]:
+    """The report's Markdown and the README block."""
+    from learner.experiment import WARM_START
+
+    n_seeds = len(exp.seeds)
+    out_dir = records[0]["run_dir"].parent if records else Path(exp.out_dir)
+    order = {t: ([WARM_START] if exp.warm_start_baseline else []) + list(spec.estimators)
+             for t, spec in exp.tasks.items()}
+    commands = list(dict.fromkeys(s["command"] for s in state.get("sessions", [])
+                                  if s.get("trained") or s.get("failed")))
+    command = ("**Command:** `" + commands[0] + "`" if len(commands) == 1 else
+               "**Commands** (in order of first use): " + "; ".join(f"`{c}`" for c in commands) if commands
+               else "**Command:** `turnrl experiment --config <experiment.yaml>` (no recorded invocation)")
+    sampled, greedy = aggregate(records, SAMPLED), aggregate(records, GREEDY)
+
+    def tables(agg: dict, level: str) -> list[str]:
+        out = []
+        for task, spec in exp.tasks.items():
+            out += [f"{level} {task} ({_overrides_text(spec.overrides)})", "",
+                    markdown_table(agg, task, order[task], n_seeds), ""]
+        return out
+
+    lines = [
+        "# Credit-assignment comparison", "",
+        "Generated by `turnrl experiment` (`learner/results.py`) from the run directories in "
+        f"`{out_dir}`. Everything except the Discussion section is rewritten when it runs again; "
+        "`turnrl experiment --report-only` regenerates it from the finished runs.", "",
+        command, "",
+        wall_time_line(state, records, cpus), "",
+        f"**Runs:** {len(records)} of {total_runs} finished; seeds {exp.seeds}; base config "
+        f"`{exp.base_config}`; every run: {_overrides_text(exp.common)}.", "",
+        "Each cell is the held-out evaluation of the trained policy (questions about people never seen "
+        "in training): mean ± sample std over seeds. `warm_start` is the untrained starting policy on "
+        "the same questions. Columns: tool-execution success (the episode called the tool and every call "
+        "ran), answer in search result (some search result contained an answer alias), exact match of "
+        "the final answer, format score (mean format reward).", "",
+        "## Results: sampled evaluation (training temperature)", "", *tables(sampled, "###"),
+        "## Results: greedy evaluation", "",
+    ]
+    if greedy:
+        lines += tables(greedy, "###")
+    else:
+        lines += ["Not measured (`eval.greedy: false` in these runs).", ""]
+    lines += [DISCUSSION_PLACEHOLDER.rstrip("\n"), "", "## Learning curves", ""]
+    for task, fig in figures.items():
+        rel = os.path.relpath(fig, report_path.parent)
+        lines += [f"![{task} learning curves]({rel})", ""]
+    if not figures:
+        lines += ["No finished run logged a training step yet.", ""]
+    lines += ["Training-batch metrics per step, smoothed per seed with a moving average of "
+              f"{exp.report.smooth} step(s), then averaged over seeds (band: ± 1 std).", "",
+              "## Runs", "", "| run | steps | " + " | ".join(t for _, t in COLUMNS) + " | wall s |",
+              "|" + "---|" * (len(COLUMNS) + 3)]
+    for r in sorted(records, key=lambda r: (r["task"], r["estimator"], r["seed"])):
+        ev = r["eval"][SAMPLED]
+        lines.append(f"| {r['name']} | {r['steps']} | " + " | ".join(f"{ev.get(c, math.nan):.3f}" for c, _ in COLUMNS)
+                     + f" | {r['wall_s']:.0f} |")
+    report = "\n".join(lines) + "\n"
+
+    rel_report = os.path.relpath(report_path, Path(exp.report.readme).parent if exp.report.readme else ".")
+    block = [f"Sampled held-out evaluation, mean ± std over seeds ({len(records)} of {total_runs} runs finished; "
+             f"details, greedy numbers and learning curves in [{rel_report}]({rel_report})):", "",
+             *tables(sampled, "####"), wall_time_line(state, records, cpus)]
+    return report, "\n".join(block)
+
+
+def write_report(exp: ExperimentConfig, runs: list[RunSpec], state: dict[str, Any], cpus: int) -> Path:
+    """Write the report and figures for every finished run of ``runs``; update the README block."""
+    from learner.experiment import WARM_START
+
+    records = load_records(runs)
+    report_path = Path(exp.report.path)
+    names = list(dict.fromkeys(e for spec in exp.tasks.values() for e in spec.estimators if e != WARM_START))
+    colours = {e: f"C{i % 10}" for i, e in enumerate(names)}
+    figures = {}
+    for task, spec in exp.tasks.items():
+        fig = plot_task(records, task, [e for e in spec.estimators if e != WARM_START],
+                        Path(exp.report.figures_dir) / f"{task}_curves.png", exp.report.smooth, colours)
+        if fig is not None:
+            figures[task] = fig
+    report, block = render(exp, records, state, figures, report_path, cpus, len(runs))
+    old = report_path.read_text() if report_path.exists() else None
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(keep_discussion(old, report))
+    if exp.report.readme:
+        readme = Path(exp.report.readme)
+        text = readme.read_text() if readme.exists() else ""
+        updated = replace_block(text, block)
+        if updated is None:
+            log.warning("%s has no %s ... %s block; the headline table was not copied there", readme,
+                        README_START, README_END)
+        elif updated != text:
+            readme.write_text(updated)
+    return report_path

@@ -1,0 +1,372 @@
+"""``turnrl experiment``: the grid, resuming, the report's arithmetic, the Discussion kept on rewrite,
+and one tiny real grid (warm start + one estimator) through Ray, the actors and DeepSpeed."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from common.cli import main as cli_main
+from common.config import ConfigError, load_config
+from learner.experiment import (
+    config_drift,
+    expand_grid,
+    load_experiment,
+    merge_args,
+    run_grid,
+    run_status,
+    select_runs,
+)
+from learner.results import (
+    DISCUSSION,
+    README_END,
+    README_START,
+    extract_section,
+    mean_curve,
+    mean_std,
+    write_report,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = str(REPO / "deploy/configs/local.yaml")
+
+
+def _write_exp(tmp_path: Path, **changes) -> Path:
+    """A small experiment YAML in tmp_path (report, figures and README inside tmp_path too)."""
+    tree = {
+        "name": "t", "base_config": BASE, "out_dir": str(tmp_path / "runs"), "seeds": [0, 1, 2],
+        "warm_start_baseline": True,
+        "common": {"learner.total_steps": 5, "eval.num_questions": 10, "env.max_turns": 3},
+        "tasks": {
+            "two_turn": {"estimators": ["grpo_or", "mt_grpo"], "overrides": {"data.max_hops": 1, "env.max_turns": 2}},
+            "multi_hop": {"estimators": ["mt_grpo_k"], "overrides": {"data.max_hops": 2}},
+        },
+        "report": {"path": str(tmp_path / "docs/results.md"), "figures_dir": str(tmp_path / "docs/results"),
+                   "readme": str(tmp_path / "README.md"), "smooth": 1},
+    }
+    tree.update(changes)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ grid
+
+
+def test_grid_is_seed_major_and_overrides_layer_in_order(tmp_path):
+    exp = load_experiment(_write_exp(tmp_path))
+    runs = expand_grid(exp, extra=["learner.total_steps=7", "env.top_k=2"])
+    # 3 seeds x (two_turn: warm_start, grpo_or, mt_grpo + multi_hop: warm_start, mt_grpo_k)
+    assert [r.name for r in runs[:5]] == ["two_turn-warm_start-seed0", "two_turn-grpo_or-seed0",
+                                          "two_turn-mt_grpo-seed0", "multi_hop-warm_start-seed0",
+                                          "multi_hop-mt_grpo_k-seed0"]
+    assert len(runs) == 15 and [r.seed for r in runs] == [0] * 5 + [1] * 5 + [2] * 5
+    cfgs = {r.name: load_config(exp.base_config, list(r.overrides)) for r in runs}
+    c = cfgs["two_turn-mt_grpo-seed1"]
+    assert c.algorithm.advantage == "mt_grpo" and c.run.seed == 1
+    assert c.env.max_turns == 2  # the task beats common (3)
+    assert c.learner.total_steps == 7 and c.env.top_k == 2  # the command line beats common
+    assert c.eval.num_questions == 10 and c.data.max_hops == 1
+    assert c.run.run_dir == str(tmp_path / "runs/two_turn-mt_grpo-seed1") and c.run.name == "t-two_turn-mt_grpo-seed1"
+    m = cfgs["multi_hop-mt_grpo_k-seed2"]
+    assert (m.algorithm.advantage, m.data.max_hops, m.env.max_turns, m.run.seed) == ("mt_grpo_k", 2, 3, 2)
+    w = cfgs["multi_hop-warm_start-seed0"]
+    assert w.learner.total_steps == 0  # the grid's warm start beats the command line
+    # each key appears once, so the printed command is exactly what runs
+    keys = [a.split("=", 1)[0] for a in runs[0].overrides]
+    assert len(keys) == len(set(keys))
+    moved = expand_grid(exp, out_dir=tmp_path / "elsewhere")[0]
+    assert moved.run_dir == tmp_path / "elsewhere/two_turn-warm_start-seed0"
+
+
+def test_merge_args_keeps_the_last_value_of_each_key():
+    assert merge_args(["a.x=1", "b.y=2"], ["a.x=3"], ["c.z=4", "b.y=5"]) == ["a.x=3", "c.z=4", "b.y=5"]
+
+
+def test_config_drift_names_the_changed_keys():
+    saved = {"learner": {"lr": 0.001, "total_steps": 16}, "run": {"seed": 0}}
+    now = {"learner": {"lr": 0.002, "total_steps": 16}, "run": {"seed": 0}, "rollout": {"mode": "sync"}}
+    assert config_drift(saved, now) == ["learner.lr: 0.001 -> 0.002", "rollout: None -> {'mode': 'sync'}"]
+    assert config_drift(now, now) == []
+
+
+def test_select_runs_by_glob(tmp_path):
+    runs = expand_grid(load_experiment(_write_exp(tmp_path)))
+    assert {r.name for r in select_runs(runs, ["multi_hop-*-seed0"])} == {"multi_hop-warm_start-seed0",
+                                                                         "multi_hop-mt_grpo_k-seed0"}
+    assert len(select_runs(runs, ["*-grpo_or-*", "*-mt_grpo-*"])) == 6
+    assert select_runs(runs, None) == runs
+    with pytest.raises(ConfigError, match="matches no run"):
+        select_runs(runs, ["nope-*"])
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"common": {"algorithm.advantage": "grpo_or"}}, r"`common` sets `algorithm.advantage`: the grid sets"),
+    ({"common": {"lr": 1}}, r"`common` has key 'lr': must be a dotted run-config key"),
+    ({"seeds": []}, r"`seeds` = \[\]: must be a non-empty list"),
+    ({"seeds": [1, 1]}, r"`seeds` = \[1, 1\]"),
+    ({"tasks": {"two turn": {"estimators": ["grpo_or"]}}}, r"`tasks.two turn`: task names must match"),
+    ({"tasks": {"a": {"estimators": ["mt_grpoo"]}}}, r"`tasks.a.estimators` holds 'mt_grpoo': must be one of"),
+    ({"tasks": {"a": {"estimators": ["grpo_or"], "overide": {}}}}, r"`tasks.a.overide`: unknown key; did you mean"),
+    ({"tasks": {"a": ["grpo_or"]}}, r"`tasks.a` = \['grpo_or'\]: must be a mapping"),
+    ({"report": {"smooth": 0}}, r"`report.smooth` = 0: must be >= 1"),
+    ({"seedz": [0]}, r"`seedz`: unknown key; did you mean `seeds`"),
+])
+def test_experiment_config_errors_name_field_value_and_rule(tmp_path, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        load_experiment(_write_exp(tmp_path, **changes))
+
+
+def test_grid_rejects_command_line_grid_keys_and_bad_run_keys_before_training(tmp_path):
+    exp = load_experiment(_write_exp(tmp_path))
+    with pytest.raises(ConfigError, match="the grid sets"):
+        expand_grid(exp, extra=["run.seed=3"])
+    runs = expand_grid(exp, extra=["learner.lrr=0.1"])
+
+    def never(cfg):
+        raise AssertionError("nothing may train when a run's config is invalid")
+
+    with pytest.raises(ConfigError, match=r"run two_turn-warm_start-seed0: config field `learner.lrr`: unknown key"):
+        run_grid(exp, runs, train_fn=never)
+
+
+def test_shipped_experiment_config(tmp_path):
+    path = REPO / "deploy/configs/experiment.yaml"
+    uncommented = [ln for ln in path.read_text().splitlines() if re.match(r"^\s*[A-Za-z_.]+:", ln) and "#" not in ln]
+    assert not uncommented, f"keys without a comment: {uncommented}"
+    exp = load_experiment(path)
+    assert exp.tasks["two_turn"].estimators == ["grpo_or", "grpo_mr", "mt_grpo", "gigpo"]
+    assert exp.tasks["multi_hop"].estimators == ["grpo_or", "grpo_mr", "mt_grpo_k", "gigpo"]
+    assert len(exp.seeds) >= 3
+    runs = expand_grid(exp, out_dir=tmp_path)
+    cfgs = [load_config(exp.base_config, list(r.overrides)) for r in runs]  # every run's config is valid
+    two = [c for r, c in zip(runs, cfgs) if r.task == "two_turn"]
+    multi = [c for r, c in zip(runs, cfgs) if r.task == "multi_hop"]
+    assert {(c.data.max_hops, c.env.max_turns) for c in two} == {(1, 2)}
+    assert {c.data.max_hops for c in multi} == {2} and min(c.env.max_turns for c in multi) >= 3
+    readme = (REPO / "README.md").read_text()
+    assert readme.count(README_START) == 1 and readme.count(README_END) == 1  # where the headline table goes
+    trained = [c for r, c in zip(runs, cfgs) if r.estimator != "warm_start"]
+    assert len({(c.learner.total_steps, c.algorithm.prompts_per_step, c.algorithm.group_size,
+                 c.eval.num_questions) for c in trained}) == 1  # the same budget everywhere
+
+
+# -------------------------------------------------------------------------------- fake run dirs
+
+# sampled eval per (task, estimator): one list per column, one value per seed
+FAKE = {
+    ("two_turn", "warm_start"): {"tool_success": [0.5, 0.5, 0.5], "answer_in_result": [0.1, 0.1, 0.1],
+                                 "exact_match": [0.0, 0.1, 0.2], "format": [0.2, 0.2, 0.2]},
+    ("two_turn", "grpo_or"): {"tool_success": [0.9, 0.9, 0.9], "answer_in_result": [0.2, 0.4, 0.9],
+                              "exact_match": [0.4, 0.5, 0.6], "format": [1.0, 0.5, 0.75]},
+    ("two_turn", "mt_grpo"): {"tool_success": [1.0, 0.8], "answer_in_result": [0.5, 0.7],
+                              "exact_match": [0.3, 0.3], "format": [0.6, 0.8]},  # seed 2 never finished
+    ("multi_hop", "mt_grpo_k"): {"tool_success": [0.7], "answer_in_result": [0.3],
+                                 "exact_match": [0.25], "format": [0.5]},
+}
+
+
+def _fake_run(run_dir: Path, ev: dict[str, float], steps: int, reward0: float, greedy: bool = False) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    body = {"trained": {**ev, "turns": 2.0, "truncated": 0.0, "episodes": 10.0}, "wall_time_s": 60.0,
+            "steps": steps}
+    if greedy:
+        body["trained_greedy"] = {k: min(1.0, v + 0.1) for k, v in ev.items()}
+    (run_dir / "eval.json").write_text(json.dumps(body))
+    if steps:
+        rows = [{"step": s, "rollout/reward/total/mean": reward0 + 0.1 * s, "rollout/answer_in_result/rate": 0.5,
+                 "rollout/exact_match/rate": 0.1 * s} for s in range(1, steps + 1)]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _fake_grid(tmp_path: Path, keys=FAKE) -> None:
+    for (task, est), cols in keys.items():
+        for seed in range(len(cols["exact_match"])):
+            ev = {c: v[seed] for c, v in cols.items()}
+            _fake_run(tmp_path / "runs" / f"{task}-{est}-seed{seed}", ev, 0 if est == "warm_start" else 4,
+                      reward0=float(seed), greedy=(est == "grpo_or"))
+
+
+def test_resume_skips_finished_runs_and_redoes_partial_ones(tmp_path):
+    exp = load_experiment(_write_exp(tmp_path))
+    runs = expand_grid(exp)
+    _fake_grid(tmp_path)
+    partial = tmp_path / "runs/two_turn-mt_grpo-seed2"
+    partial.mkdir()
+    (partial / "metrics.jsonl").write_text('{"step": 1}\n')  # died after one step, no eval.json
+    assert run_status(partial) == "partial" and run_status(tmp_path / "runs/two_turn-grpo_or-seed0") == "done"
+    assert run_status(tmp_path / "runs/multi_hop-mt_grpo_k-seed2") == "missing"
+    seen = []
+
+    def fake_train(cfg):
+        run_dir = Path(cfg.run.run_dir)
+        assert not run_dir.exists(), "a partial run must start from an empty directory"
+        seen.append(run_dir.name)
+        _fake_run(run_dir, {"exact_match": 1.0}, cfg.learner.total_steps, 0.0)
+
+    out = run_grid(exp, runs, train_fn=fake_train)
+    done_before = {f"{t}-{e}-seed{s}" for (t, e), c in FAKE.items() for s in range(len(c["exact_match"]))}
+    assert set(out.skipped) == done_before
+    assert seen == out.trained == [r.name for r in runs if r.name not in done_before]
+    assert "two_turn-mt_grpo-seed2" in seen and not out.failed
+    # a second invocation trains nothing
+    again = run_grid(exp, runs, train_fn=fake_train)
+    assert again.trained == [] and len(again.skipped) == len(runs)
+
+
+def test_a_failed_run_is_recorded_and_the_grid_goes_on(tmp_path):
+    exp = load_experiment(_write_exp(tmp_path, seeds=[0]))
+    runs = expand_grid(exp)
+
+    def flaky(cfg):
+        Path(cfg.run.run_dir).mkdir(parents=True)
+        if cfg.algorithm.advantage == "grpo_or" and cfg.learner.total_steps > 0:
+            raise RuntimeError("boom")
+        _fake_run(Path(cfg.run.run_dir), {"exact_match": 0.5}, 1, 0.0)
+
+    out = run_grid(exp, runs, train_fn=flaky)
+    assert out.failed == ["two_turn-grpo_or-seed0"] and len(out.trained) == len(runs) - 1
+    assert run_status(tmp_path / "runs/two_turn-grpo_or-seed0") == "partial"  # redone next time
+
+
+# ------------------------------------------------------------------------------------- report
+
+
+def test_mean_std_and_curves_by_hand():
+    m, s, n = mean_std([0.4, 0.5, 0.6])
+    assert (round(m, 12), round(s, 12), n) == (0.5, 0.1, 3)  # sqrt((0.01 + 0 + 0.01) / 2)
+    assert mean_std([0.3]) == (0.3, 0.0, 1)
+    assert math.isnan(mean_std([])[0])
+    steps, mean, std = mean_curve([{1: 0.0, 2: 1.0, 3: 1.0}, {1: 1.0, 2: 1.0}], window=1)
+    assert steps == [1, 2] and mean == [0.5, 1.0]  # step 3 is not logged by every seed
+    assert std[0] == pytest.approx(math.sqrt(0.5)) and std[1] == 0.0
+    _, mean, std = mean_curve([{1: 0.0, 2: 1.0}, {1: 1.0, 2: 1.0}], window=2)
+    assert mean == [0.5, 0.75]  # smoothed: [0, 0.5] and [1, 1]
+    assert std[1] == pytest.approx(math.sqrt(0.125))
+
+
+def _table_rows(text: str, heading: str) -> dict[str, list[str]]:
+    """{estimator: cells} of the Markdown table under ``heading``."""
+    part = text[text.index(heading):]
+    rows = {}
+    for line in part.splitlines()[1:]:
+        if line.startswith("### ") or line.startswith("## "):
+            break
+        if line.startswith("| ") and not line.startswith("| estimator"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_report_tables_are_mean_and_sample_std_over_seeds(tmp_path):
+    exp_path = _write_exp(tmp_path)
+    _fake_grid(tmp_path)
+    (tmp_path / "README.md").write_text(f"# x\n\nintro\n\n{README_START}\nold\n{README_END}\n\nafter\n")
+    exp = load_experiment(exp_path)
+    (tmp_path / "runs").mkdir(exist_ok=True)
+    cmd = "turnrl experiment --config exp.yaml"
+    (tmp_path / "runs/experiment.json").write_text(json.dumps({"sessions": [
+        {"command": cmd, "wall_s": 1800.0, "trained": ["a"], "failed": []},
+        {"command": cmd + " --report-only", "wall_s": 5.0, "trained": [], "failed": []},
+        {"command": cmd, "wall_s": 600.0, "trained": ["b"], "failed": []}]}))
+    assert cli_main(["experiment", "--config", str(exp_path), "--report-only"]) == 0
+    text = (tmp_path / "docs/results.md").read_text()
+    sampled = text[text.index("## Results: sampled"):text.index("## Results: greedy")]
+    two = _table_rows(sampled, "### two_turn")
+    # columns: tool-execution success, answer in search result, exact match, format score, seeds
+    assert two["grpo_or"] == ["0.900 ± 0.000", "0.500 ± 0.361", "0.500 ± 0.100", "0.750 ± 0.250", "3/3"]
+    # answer_in_result: deviations -0.3, -0.1, 0.4 -> sqrt(0.26 / 2) = 0.3606; format: sqrt(0.125 / 2) = 0.25
+    assert two["mt_grpo"] == ["0.900 ± 0.141", "0.600 ± 0.141", "0.300 ± 0.000", "0.700 ± 0.141", "2/3"]
+    assert two["warm_start"][2] == "0.100 ± 0.100"
+    multi = _table_rows(sampled, "### multi_hop")
+    assert multi["mt_grpo_k"] == ["0.700 ± 0.000", "0.300 ± 0.000", "0.250 ± 0.000", "0.500 ± 0.000", "1/3"]
+    assert multi["warm_start"] == ["–", "–", "–", "–", "0/3"]
+    greedy = _table_rows(text[text.index("## Results: greedy"):], "### two_turn")
+    assert greedy["grpo_or"][2] == "0.600 ± 0.100" and greedy["mt_grpo"][0] == "–"
+    assert "**Command:** `turnrl experiment --config exp.yaml`\n" in text  # sessions that trained nothing not shown
+    assert "40.0 min elapsed over 2 invocation(s)" in text  # the session that trained nothing does not count
+    assert "9 of 15 finished" in text
+    png = tmp_path / "docs/results/two_turn_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "](results/two_turn_curves.png)" in text
+    readme = (tmp_path / "README.md").read_text()
+    assert readme.startswith("# x\n\nintro\n\n" + README_START) and readme.endswith(README_END + "\n\nafter\n")
+    assert "| grpo_or | 0.900 ± 0.000 | 0.500 ± 0.361" in readme and "\nold\n" not in readme
+
+
+def test_regenerating_keeps_the_hand_written_discussion(tmp_path):
+    exp = load_experiment(_write_exp(tmp_path, report={
+        "path": str(tmp_path / "docs/results.md"), "figures_dir": str(tmp_path / "docs/results"), "readme": None}))
+    runs = expand_grid(exp)
+    _fake_grid(tmp_path, {k: v for k, v in FAKE.items() if k[0] == "two_turn"})
+    path = write_report(exp, runs, {"sessions": []}, 2)
+    first = path.read_text()
+    placeholder = extract_section(first, DISCUSSION)
+    assert placeholder and "To be written" in placeholder
+    mine = (f"{DISCUSSION}\n\nMT-GRPO beats GRPO-OR on tool use here, not on exact match.\n\n"
+            "### Caveats\n\nA 1M-parameter policy.\n\n")
+    path.write_text(first.replace(placeholder, mine))
+    _fake_grid(tmp_path, {k: v for k, v in FAKE.items() if k[0] == "multi_hop"})  # more runs finished
+    second = write_report(exp, runs, {"sessions": []}, 2).read_text()
+    assert extract_section(second, DISCUSSION) == mine
+    assert "9 of 15 finished" in second and "| mt_grpo_k | 0.700 ± 0.000" in second
+    assert write_report(exp, runs, {"sessions": []}, 2).read_text() == second  # idempotent
+
+
+def test_dry_run_lists_runs_with_status(tmp_path, capsys):
+    exp_path = _write_exp(tmp_path, seeds=[0])
+    _fake_grid(tmp_path, {("two_turn", "grpo_or"): FAKE[("two_turn", "grpo_or")]})
+    assert cli_main(["experiment", "--config", str(exp_path), "--dry-run", "--only", "two_turn-*"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[:2] for ln in lines] == [["missing", "two_turn-warm_start-seed0"],
+                                                ["done", "two_turn-grpo_or-seed0"],
+                                                ["missing", "two_turn-mt_grpo-seed0"]]
+    assert "algorithm.advantage=grpo_or" in lines[1] and f"--config {BASE}" in lines[1]
+    assert cli_main(["experiment", "--config", str(exp_path), "--dry-run", "learner.lrr=0.1"]) == 2  # validated
+    assert cli_main(["experiment", "--config", str(exp_path), "--dry-run", "run.seed=4"]) == 2  # a grid key
+    assert capsys.readouterr().out == ""
+
+
+# ---------------------------------------------------------------------------- one real tiny grid
+
+
+@pytest.mark.slow  # 62-187 s measured on the shared 2-core machine (load 8-15): actor start-up dominates
+def test_tiny_real_grid_reuses_ray_and_cleans_up_its_actors(tmp_path, monkeypatch, ray_local):
+    """grpo_or, one step, in the test session's Ray: the run finishes, the report is written, the run's
+    actors are dead and its placement group removed (so the next run gets the CPUs), a rerun trains nothing."""
+    import ray
+    from ray._private import state as ray_state
+    from ray.util import placement_group_table
+
+    monkeypatch.chdir(tmp_path)
+    exp_path = _write_exp(
+        tmp_path, seeds=[0], warm_start_baseline=False,
+        common={"model.path": str(REPO / "deploy/warmstart"), "data.dir": str(tmp_path / "data"),
+                "data.num_people": 200, "data.num_cities": 20, "data.num_countries": 5,
+                "learner.total_steps": 1, "algorithm.prompts_per_step": 2, "algorithm.group_size": 2,
+                "learner.micro_batch_size": 4, "eval.num_questions": 4, "eval.greedy": False,
+                "eval.before_training": False, "metrics.enabled": False},
+        tasks={"two_turn": {"estimators": ["grpo_or"], "overrides": {"data.max_hops": 1, "env.max_turns": 2}}},
+        report={"path": str(tmp_path / "results.md"), "figures_dir": str(tmp_path / "fig"), "readme": None})
+    exp = load_experiment(exp_path)
+    runs = expand_grid(exp)
+    actors_before = set(ray_state.actors())
+    out = run_grid(exp, runs)
+    assert out.trained == ["two_turn-grpo_or-seed0"] and not out.failed
+    assert ray.is_initialized()  # not ours to shut down
+    new = {a: v for a, v in ray_state.actors().items() if a not in actors_before}
+    assert len(new) >= 5 and all(v["State"] == "DEAD" for v in new.values()), \
+        {v["ActorClassName"]: v["State"] for v in new.values()}
+    groups = [g for g in placement_group_table().values() if g["name"].startswith("turnrl-learner-two_turn-")]
+    assert len(groups) == 1 and {g["state"] for g in groups} == {"REMOVED"}
+    trained = json.loads((tmp_path / "runs/two_turn-grpo_or-seed0/eval.json").read_text())
+    assert trained["steps"] == 1 and trained["trained"]["episodes"] == 4.0
+    assert len((tmp_path / "runs/two_turn-grpo_or-seed0/metrics.jsonl").read_text().splitlines()) == 1
+    path = write_report(exp, runs, {"sessions": []}, 2)
+    rows = _table_rows(path.read_text(), "### two_turn")
+    assert rows["grpo_or"][-1] == "1/1" and rows["grpo_or"][0] == f"{trained['trained']['tool_success']:.3f} ± 0.000"
+    assert run_grid(exp, runs).skipped == [r.name for r in runs]
