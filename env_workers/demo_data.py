@@ -10,7 +10,10 @@ per attribute, the name repeated so each sentence matches a name search)::
 
 Questions: five one-hop questions per person (city, birth year, occupation, colour,
 instrument) and two two-hop questions (country and founding year of the home city; chain
-``[person, city]``). The train/eval split is by person: no eval person appears in a train
+``[person, city]``). Every question ends with the person's name ("What is the birth year of
+Karo Velmin?"), so the name sits at a fixed distance from the slot where the policy writes
+its search query: a tiny model learns to copy it with one relative-position attention head
+instead of needing content-based induction heads, which 1,200 SFT steps never grew. The train/eval split is by person: no eval person appears in a train
 question. The same ``seed`` gives byte-identical files.
 """
 
@@ -50,6 +53,9 @@ INSTRUMENTS = (
 #: Extra accepted spellings of some answers.
 ALIASES: dict[str, list[str]] = {"grey": ["gray"], "jeweller": ["jeweler"], "drums": ["drum"]}
 
+#: Bumped whenever the generated text changes, so cached demo data is regenerated.
+DEMO_DATA_VERSION = 2
+
 QUESTION_COLUMNS = ("question", "answers", "entity", "attribute", "hops", "chain")
 QUESTION_SCHEMA = pa.schema(
     [
@@ -71,7 +77,7 @@ def _reserved_words() -> set[str]:
     words |= {a for alts in ALIASES.values() for a in alts}
     template = (
         "is a an from was born in favourite colour plays the city founded country its capital "
-        "where which year what occupation of does play home"
+        "where which year what occupation of does play home birth founding played by"
     )
     words |= set(template.split())
     try:
@@ -171,13 +177,13 @@ def _questions(p: dict[str, Any]) -> list[dict[str, Any]]:
         }
 
     return [
-        row(f"Where is {n} from?", c, "city", [n]),
-        row(f"In which year was {n} born?", p["year"], "birth_year", [n]),
+        row(f"What is the home city of {n}?", c, "city", [n]),
+        row(f"What is the birth year of {n}?", p["year"], "birth_year", [n]),
         row(f"What is the occupation of {n}?", p["occupation"], "occupation", [n]),
         row(f"What is the favourite colour of {n}?", p["colour"], "colour", [n]),
-        row(f"Which instrument does {n} play?", p["instrument"], "instrument", [n]),
+        row(f"Which instrument is played by {n}?", p["instrument"], "instrument", [n]),
         row(f"In which country is the home city of {n}?", p["country"], "country", [n, c]),
-        row(f"In which year was the home city of {n} founded?", p["city_founded"], "city_founded", [n, c]),
+        row(f"What is the founding year of the home city of {n}?", p["city_founded"], "city_founded", [n, c]),
     ]
 
 

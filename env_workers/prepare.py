@@ -22,12 +22,12 @@ def prepare_data(dcfg) -> DataPaths:
 
     Every failure names the file and what was expected (``FileNotFoundError`` / ``ValueError``).
     """
-    from env_workers.demo_data import generate_demo_data, load_questions
+    from env_workers.demo_data import DEMO_DATA_VERSION, generate_demo_data, load_questions
     from env_workers.index import BM25Index
 
     root = Path(dcfg.dir)
     if dcfg.kind == "demo":
-        marker = root / f".demo-{dcfg.seed}-{dcfg.num_people}-{dcfg.num_cities}-{dcfg.num_countries}-{dcfg.eval_fraction}"
+        marker = root / f".demo-v{DEMO_DATA_VERSION}-{dcfg.seed}-{dcfg.num_people}-{dcfg.num_cities}-{dcfg.num_countries}-{dcfg.eval_fraction}"
         if not marker.exists():
             generate_demo_data(root, seed=dcfg.seed, num_people=dcfg.num_people, num_cities=dcfg.num_cities,
                                num_countries=dcfg.num_countries, eval_fraction=dcfg.eval_fraction)

@@ -4,6 +4,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from env_workers.demo_data import generate_demo_data, load_questions
 from env_workers.env import WikiSearchEnv
@@ -55,3 +56,49 @@ def test_demo_query_mixture():
     frac_part = sum(q in ("Karo", "Velmin") for q in qs) / len(qs)
     assert abs(frac_right - W.P_RIGHT_QUERY) < 0.05
     assert abs(frac_part - W.P_PARTIAL_QUERY) < 0.05
+    assert set(qs) - {"Karo Velmin", "Karo", "Velmin"} <= set(names)  # the rest: another entity's name
+
+
+def test_expert_demonstrations_always_search_the_name_and_answer_right(small_world, tiny_policy):
+    """Stage 1's demonstrator (p_right=1, p_garbled=0): every search hits, every answer is right."""
+    from common.modeling import load_tokenizer
+    from env_workers.rewards import exact_match
+
+    index, train, _ = small_world
+    tok = load_tokenizer(tiny_policy)
+    one_hop = [q for q in train if q["hops"] == 1][:30]
+    demos = W.demonstrations(one_hop, lambda: WikiSearchEnv(index, max_turns=3), tok, seed=0,
+                             domains=W._domains(train), names={"person": ["Ana Bel"], "city": []}, p_right=1.0, p_partial=0.0, p_garbled=0.0)
+    for q, (ids, mask) in zip(one_hop, demos):
+        text = tok.decode([i for i, m in zip(ids, mask) if m > 0])
+        query = json.loads(text.split("<tool>")[1].split("</tool>")[0])["args"]["query"]
+        assert query == q["chain"][0]
+        assert exact_match(text.split("<answer>")[1].split("</answer>")[0], q["answers"]), (q, text)
+
+
+def test_copy_loss_scores_only_the_repeats():
+    from common.modeling import build_demo_model
+
+    model = build_demo_model(50, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=32, seed=0)
+    got = W.copy_loss(model, torch.Generator().manual_seed(3), batch=4, span=5, token_range=(4, 50))
+    x = torch.randint(4, 50, (4, 5), generator=torch.Generator().manual_seed(3))
+    ids = torch.cat([x, x, x], dim=1)  # [4, 15]
+    logits = model(input_ids=ids).logits
+    # positions 4..13 predict tokens 5..14: the second and third copies
+    want = torch.nn.functional.cross_entropy(logits[:, 4:14].reshape(-1, 50), ids[:, 5:15].reshape(-1))
+    assert torch.allclose(got, want)
+    assert x.min() >= 4 and x.max() < 50
+
+
+def test_sft_with_copy_batches_reports_global_steps(tiny_policy):
+    from common.modeling import load_model
+
+    model = load_model(tiny_policy)
+    before = [p.detach().clone() for p in model.parameters()]
+    examples = [([5, 6, 7, 8, 9, 10], [0, 0, 1, 1, 1, 0]), ([5, 6, 7, 8], [0, 1, 1, 0])] * 4  # one per length bucket
+    seen = []
+    losses = W.sft(model, examples, steps=3, batch=2, lr=1e-3, seed=0, pad_id=0, copy_batch=2,
+                   copy_range=(4, 40), on_step=lambda step, m: seen.append(step), step_offset=10)
+    assert seen == [11, 12, 13]
+    assert len(losses) == 3 and all(l == l and l < 20 for l in losses)  # finite action losses
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
