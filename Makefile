@@ -30,7 +30,7 @@ test-slow: install  ## slow tests (soak, long training)
 bench: install  ## speed measurements; each script ends with `NAME ratio: X`
 	@for f in tests/benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
-warmstart: install  ## regenerate deploy/warmstart deterministically (about 20 min on 2 cores)
+warmstart: install  ## regenerate deploy/warmstart deterministically (about 14 min, one core)
 	$(VENV)/bin/turnrl warmstart --config deploy/configs/local.yaml
 
 clean:
