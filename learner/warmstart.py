@@ -56,8 +56,6 @@ TWO_HOP_FRACTION = 0.15  # share of two-hop demonstrations (for the multi-hop ta
 SFT_BATCH = 32
 COPY_BATCH = 32  # copy-task sequences added to every SFT step (both stages)
 COPY_SPAN = 24  # random tokens per copy-task segment (each sequence is the segment three times)
-# Weight of the next-token loss on non-action tokens (prompt, search results); 0: actions only.
-CONTEXT_LOSS_WEIGHT = 0.0
 VOCAB_SIZE = 1000
 
 _EXTRACT = {
@@ -166,12 +164,11 @@ def copy_loss(model, g: torch.Generator, *, batch: int, span: int, token_range: 
 
 
 def sft(model, examples: list[tuple[list[int], list[float]]], *, steps: int, batch: int, lr: float, seed: int,
-        pad_id: int, context_weight: float = CONTEXT_LOSS_WEIGHT, copy_batch: int = 0,
+        pad_id: int, copy_batch: int = 0,
         copy_range: tuple[int, int] = (0, 0), on_step=None, step_offset: int = 0) -> list[float]:
     """Next-token SFT on demonstrations; returns the curve of the action-token loss.
 
-        loss = mean_{t in actions} NLL_t + context_weight * mean_{t in context} NLL_t
-               + copy_loss(copy_batch random sequences)          (if copy_batch > 0)
+        loss = mean_{t in actions} NLL_t + copy_loss(copy_batch random sequences)   (if copy_batch > 0)
 
     Batches are drawn from length buckets (short one-hop vs long two-hop conversations) so
     little compute goes to padding. The learning rate warms up for 50 steps and then stays
@@ -200,15 +197,8 @@ def sft(model, examples: list[tuple[list[int], list[float]]], *, steps: int, bat
             mask[r, :len(m)] = torch.tensor(m) > 0
             attn[r, :len(t)] = 1
         hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state  # [b, T, H]
-        act = mask[:, 1:]  # [b, T-1] position t predicts action token t+1
-        if context_weight > 0:
-            nll = torch.nn.functional.cross_entropy(head(hidden[:, :-1]).transpose(1, 2), ids[:, 1:],
-                                                    reduction="none")  # [b, T-1]
-            ctx = attn[:, 1:].bool() & ~act
-            action_loss = nll[act].mean()
-            loss = action_loss + context_weight * nll[ctx].mean()
-        else:  # the LM head runs only where an action token is predicted
-            action_loss = loss = torch.nn.functional.cross_entropy(head(hidden[:, :-1][act]), ids[:, 1:][act])
+        act = mask[:, 1:]  # [b, T-1] position t predicts action token t+1; the LM head runs only there
+        action_loss = loss = torch.nn.functional.cross_entropy(head(hidden[:, :-1][act]), ids[:, 1:][act])
         if copy_batch:
             loss = loss + copy_loss(model, g, batch=copy_batch, span=COPY_SPAN, token_range=copy_range)
         opt.zero_grad(set_to_none=True)
