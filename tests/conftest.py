@@ -10,6 +10,20 @@ import pytest
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
+# The device the engine tests run on: "cpu" here and in CI; `TURNRL_TEST_DEVICE=cuda` runs the same
+# engine tests on a GPU (tests/gpu_checks.sh does, with the `gpu`-marked tests).
+TEST_DEVICE = os.environ.get("TURNRL_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    """``TURNRL_TEST_DEVICE`` (default "cpu"); a CUDA device without CUDA skips the test."""
+    if TEST_DEVICE.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip(f"TURNRL_TEST_DEVICE={TEST_DEVICE} but no CUDA device")
+    return TEST_DEVICE
 
 
 @pytest.fixture(scope="session")

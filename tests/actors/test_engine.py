@@ -8,10 +8,10 @@ from common.modeling import load_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_policy):
+def engine(tiny_policy, device):
     tok = load_tokenizer(tiny_policy)
     model = load_model(tiny_policy)
-    return HFEngine(model, tok)
+    return HFEngine(model, tok, device=device)
 
 
 def _prompts(tok):
@@ -20,7 +20,7 @@ def _prompts(tok):
 
 
 def _hf_greedy(engine, prompt, n):
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=engine.device)
     out = engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                                 eos_token_id=None, pad_token_id=engine.tokenizer.pad_token_id)
     return out[0, len(prompt):].tolist()
@@ -45,10 +45,10 @@ def test_logprobs_match_a_fresh_forward_pass(engine):
     prompts = _prompts(engine.tokenizer)
     outs = engine.generate(prompts, SamplingParams(temperature=0.7, max_new_tokens=10, seed=3))
     for p, o in zip(prompts, outs):
-        seq = torch.tensor([p + o.token_ids])
+        seq = torch.tensor([p + o.token_ids], device=engine.device)
         with torch.no_grad():
             logits = engine.model(seq).logits[0, len(p) - 1:-1] / 0.7
-        ref = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(o.token_ids)[:, None]).squeeze(-1)
+        ref = torch.log_softmax(logits.float(), -1).gather(-1, seq[0, len(p):, None]).squeeze(-1).cpu()
         assert torch.allclose(torch.tensor(o.logprobs), ref, atol=1e-4)
 
 

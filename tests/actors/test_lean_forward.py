@@ -32,9 +32,9 @@ def tok(tiny_policy):
     return load_tokenizer(tiny_policy)
 
 
-def test_lean_logits_equal_the_modules_bit_for_bit(tiny_policy, tok):
+def test_lean_logits_equal_the_modules_bit_for_bit(tiny_policy, tok, device):
     model = load_model(tiny_policy)
-    lean, mods = HFEngine(model, tok), HFEngine(model, tok, lean_forward=False)
+    lean, mods = HFEngine(model, tok, device=device), HFEngine(model, tok, device=device, lean_forward=False)
     assert lean.lean_forward and not mods.lean_forward
     g = torch.Generator().manual_seed(1)
     lens = [7, 12, 3]
@@ -44,11 +44,12 @@ def test_lean_logits_equal_the_modules_bit_for_bit(tiny_policy, tok):
     ids = torch.randint(5, len(tok), (3, q), generator=g)
     qpos = torch.stack([torch.arange(q) - (q - n) for n in lens])  # ragged, right-aligned
     qpos = torch.where(qpos < 0, torch.arange(q) + 20, qpos)  # pad columns write beyond the real tokens
+    ids, qpos = ids.to(device), qpos.to(device)
     with torch.no_grad():
         a = lean._forward(ids, qpos, 0, 3, int(qpos.max()) + 1)  # prefill [3, V]
         b = mods._forward(ids, qpos, 0, 3, int(qpos.max()) + 1)
         assert torch.equal(a, b)
-        pos = torch.tensor([[n] for n in lens])
+        pos = torch.tensor([[n] for n in lens], device=device)
         for _ in range(3):  # decode steps read what the prefill wrote
             nxt = a.argmax(-1)[:, None]
             a = lean._forward(nxt, pos, 0, 3, int(pos.max()) + 1)
@@ -60,11 +61,11 @@ def test_lean_logits_equal_the_modules_bit_for_bit(tiny_policy, tok):
         assert torch.equal(lean._kv.values[i][:3, :, :15], mods._kv.values[i][:3, :, :15])
 
 
-def test_llama_sessions_through_the_lean_forward_equal_hf_generate(tok):
+def test_llama_sessions_through_the_lean_forward_equal_hf_generate(tok, device):
     """Llama's modules take no per-layer mask mapping, so sessions need the lean forward; greedy
     turns across KV reuse equal the static path (transformers' own cache), log-probs within 1e-5."""
     model = _llama(len(tok))
-    eng = HFEngine(model, tok)
+    eng = HFEngine(model, tok, device=device)
     assert eng.lean_forward
     eng.eos_ids = set()
     greedy = SamplingParams(greedy=True, max_new_tokens=6)
@@ -80,9 +81,9 @@ def test_llama_sessions_through_the_lean_forward_equal_hf_generate(tok):
         hist = [h + o.token_ids + prompts[1 - i] for i, (h, o) in enumerate(zip(hist, got))]
 
 
-def test_sampled_sessions_identical_with_and_without_the_lean_forward(tiny_policy, tok):
+def test_sampled_sessions_identical_with_and_without_the_lean_forward(tiny_policy, tok, device):
     model = load_model(tiny_policy)
-    engines = [HFEngine(model, tok), HFEngine(model, tok, lean_forward=False)]
+    engines = [HFEngine(model, tok, device=device), HFEngine(model, tok, device=device, lean_forward=False)]
     params = SamplingParams(temperature=1.0, max_new_tokens=10, seed=5)
     prompts = [tok.encode(t, add_special_tokens=False) for t in ("Where is Karo", "Who is Karo Velmin?", "<tool>")]
     outs = []

@@ -20,8 +20,8 @@ def tok(tiny_policy):
 
 
 @pytest.fixture()
-def engine(tiny_policy, tok):
-    eng = HFEngine(load_model(tiny_policy), tok)
+def engine(tiny_policy, tok, device):
+    eng = HFEngine(load_model(tiny_policy), tok, device=device)
     eng.eos_ids = set()  # compare raw decoding, no early EOS
     return eng
 
@@ -41,17 +41,17 @@ def _observations(tok):
 
 
 def _hf_greedy(model, pad, history, n):
-    ids = torch.tensor([history])
+    ids = torch.tensor([history], device=model.device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                          eos_token_id=None, pad_token_id=pad)
     return out[0, len(history):].tolist()
 
 
 def _fresh_logprobs(model, history, action, temperature):
-    seq = torch.tensor([history + action])
+    seq = torch.tensor([history + action], device=model.device)
     with torch.no_grad():
         logits = model(seq).logits[0, len(history) - 1:-1].float() / temperature
-    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(action)[:, None]).squeeze(-1)
+    return torch.log_softmax(logits, -1).gather(-1, seq[0, len(history):, None]).squeeze(-1).cpu()
 
 
 def test_greedy_equals_hf_generate_single_batched_and_across_turns(engine, tok):
@@ -160,12 +160,12 @@ def test_stop_strings_and_caps(engine, tok):
     assert all(o.finish_reason == "length" for o in capped)
 
 
-def test_token_budget_bounds_the_batch_and_eviction_falls_back_to_prefill(tiny_policy, tok):
+def test_token_budget_bounds_the_batch_and_eviction_falls_back_to_prefill(tiny_policy, tok, device):
     prompts, obs = _prompts(tok) * 2, _observations(tok) * 2
-    ref_engine = HFEngine(load_model(tiny_policy), tok)
+    ref_engine = HFEngine(load_model(tiny_policy), tok, device=device)
     ref_engine.eos_ids = set()
     longest = max(len(p) for p in prompts) + 10 + 1
-    eng = HFEngine(load_model(tiny_policy), tok, kv_budget_tokens=2 * longest + 40)
+    eng = HFEngine(load_model(tiny_policy), tok, device=device, kv_budget_tokens=2 * longest + 40)
     eng.eos_ids = set()
     caps = [2, 10, 4, 7, 10, 3]
     eng.submit([Request(f"s{i}", p, GREEDY, max_new_tokens=c) for i, (p, c) in enumerate(zip(prompts, caps))])
@@ -190,8 +190,8 @@ def test_token_budget_bounds_the_batch_and_eviction_falls_back_to_prefill(tiny_p
     assert st["cached_tokens"] + st["reserved_tokens"] <= eng.kv_budget_tokens
 
 
-def test_weight_update_waits_for_running_turns_and_versions_outputs(tiny_policy, tok):
-    eng = HFEngine(load_model(tiny_policy), tok)
+def test_weight_update_waits_for_running_turns_and_versions_outputs(tiny_policy, tok, device):
+    eng = HFEngine(load_model(tiny_policy), tok, device=device)
     eng.eos_ids = set()
     prompts, obs = _prompts(tok), _observations(tok)
     old_state = {k: v.clone() for k, v in eng.model.state_dict().items()}

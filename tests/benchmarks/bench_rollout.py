@@ -37,6 +37,7 @@ wall-clock, on the embedded model with the multi-turn workload.
 
     .venv/bin/python tests/benchmarks/bench_rollout.py            # both models (~5 min on 2 cores)
     .venv/bin/python tests/benchmarks/bench_rollout.py --quick    # embedded model only
+    python tests/benchmarks/bench_rollout.py --device cuda        # on a GPU (tests/gpu_checks.sh)
 """
 
 from __future__ import annotations
@@ -116,8 +117,9 @@ def run_naive(model, tok, ep: Episodes, turns: int, cap: int, stops: list[int], 
     for t in range(turns):
         hist = ep.hist
         width = max(len(h) for h in hist)
-        ids = torch.tensor([[pad] * (width - len(h)) + h for h in hist])
+        ids = torch.tensor([[pad] * (width - len(h)) + h for h in hist], device=model.device)
         mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(h) for h in hist])[:, None]).long()
+        mask = mask.to(model.device)
         new = cap if lengths is None else max(lengths[i][t] for i in range(len(hist)))
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=True, temperature=1.0,
                              top_k=0, top_p=1.0, eos_token_id=stops if lengths is None else None, pad_token_id=pad)
@@ -181,9 +183,14 @@ def run_streaming(engine: HFEngine, ep: Episodes, turns: int, cap: int, seed: in
     return n
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def bench(name: str, model, tok, *, questions: int, group: int, turns: int, cap: int, repeats: int,
-          fixed_lengths: bool, seed: int = 0, compare_modules: bool = False) -> dict:
-    model.eval()
+          fixed_lengths: bool, seed: int = 0, compare_modules: bool = False, device: str = "cpu") -> dict:
+    model.to(device).eval()
     msgs, obs = load_workload(tok, questions, turns, seed)
     stops = [tok.convert_tokens_to_ids("</tool>"), tok.convert_tokens_to_ids("</answer>"), tok.eos_token_id]
     stops = [s for s in stops if isinstance(s, int) and s >= 0]
@@ -192,9 +199,9 @@ def bench(name: str, model, tok, *, questions: int, group: int, turns: int, cap:
         rnd = random.Random(seed + 1)
         lengths = [[min(cap, 1 + int(rnd.expovariate(1 / 23.5))) for _ in range(turns)]
                    for _ in range(questions * group)]
-    engine = HFEngine(model, tok)
+    engine = HFEngine(model, tok, device=device)
     engine.eos_ids = set() if fixed_lengths else set(stops)
-    modules = HFEngine(model, tok, lean_forward=False)
+    modules = HFEngine(model, tok, device=device, lean_forward=False)
     modules.eos_ids = engine.eos_ids
     methods = ["naive", "session", "streaming"] + (["modules"] if compare_modules else [])
     res = {m: [] for m in methods}
@@ -203,6 +210,7 @@ def bench(name: str, model, tok, *, questions: int, group: int, turns: int, cap:
     for r in range(repeats):
         for method in methods if r % 2 == 0 else methods[::-1]:
             ep = Episodes(tok, msgs, obs, group)
+            _sync()
             c0 = time.process_time()
             t0 = time.perf_counter()
             if method == "naive":
@@ -213,6 +221,7 @@ def bench(name: str, model, tok, *, questions: int, group: int, turns: int, cap:
                 n = run_session(modules, ep, turns, cap, seed + r, f"m{r}", lengths)
             else:
                 n = run_streaming(engine, ep, turns, cap, seed + r, f"s{r}", lengths)
+            _sync()
             dt = time.perf_counter() - t0
             cpu = time.process_time() - c0
             res[method].append((n / dt, n, dt, n / cpu))
@@ -224,7 +233,7 @@ def bench(name: str, model, tok, *, questions: int, group: int, turns: int, cap:
     params = sum(p.numel() for p in model.parameters())
     ep = Episodes(tok, msgs, obs, group)
     out = {
-        "name": name, "params": params, "episodes": questions * group, "questions": questions, "group": group,
+        "name": name, "device": device, "params": params, "episodes": questions * group, "questions": questions, "group": group,
         "turns": turns, "max_tokens_per_turn": cap, "prompt_tokens_mean": statistics.mean(len(h) for h in ep.hist),
         "naive_tok_s": round(best["naive"], 1), "session_tok_s": round(best["session"], 1),
         "streaming_tok_s": round(best["streaming"], 1),
@@ -251,6 +260,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (2 oversubscribes a shared 2-core box)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (both methods run on it)")
+    ap.add_argument("--big-questions", type=int, default=2, help="~100M model: distinct prompts")
+    ap.add_argument("--big-group", type=int, default=4, help="~100M model: episodes per prompt")
+    ap.add_argument("--big-turns", type=int, default=3, help="~100M model: assistant turns")
+    ap.add_argument("--big-cap", type=int, default=16, help="~100M model: max tokens per action")
     ap.add_argument("--compare-modules", action="store_true",
                     help="also run the session engine on the transformers modules (lean_forward=False)")
     args = ap.parse_args()
@@ -269,18 +283,18 @@ def main() -> None:
     if not args.big_only:
         results += [
             bench(small_name, small, tok, questions=8, group=8, turns=args.turns, cap=48, repeats=args.repeats,
-                  fixed_lengths=small_fixed, compare_modules=args.compare_modules),
+                  fixed_lengths=small_fixed, compare_modules=args.compare_modules, device=args.device),
             bench(small_name, small, tok, questions=8, group=8, turns=2, cap=48, repeats=args.repeats,
-                  fixed_lengths=small_fixed, compare_modules=args.compare_modules),
+                  fixed_lengths=small_fixed, compare_modules=args.compare_modules, device=args.device),
         ]
     if not args.quick:
         big = build_demo_model(len(tok), hidden=768, layers=12, heads=12, kv_heads=2, intermediate=3072,
                                max_positions=2048, seed=0)
-        results.append(bench("qwen2-100M(random)", big, tok, questions=2, group=4, turns=3, cap=16,
-                             repeats=max(1, args.repeats - 1), fixed_lengths=True,
-                             compare_modules=args.compare_modules))
+        results.append(bench("qwen2-100M(random)", big, tok, questions=args.big_questions, group=args.big_group,
+                             turns=args.big_turns, cap=args.big_cap, repeats=max(1, args.repeats - 1),
+                             fixed_lengths=True, compare_modules=args.compare_modules, device=args.device))
     for r in results:
-        print(f"{r['name']:>24} params={r['params'] / 1e6:.1f}M episodes={r['episodes']} turns={r['turns']}: "
+        print(f"{r['name']:>24} [{r['device']}] params={r['params'] / 1e6:.1f}M episodes={r['episodes']} turns={r['turns']}: "
               f"naive {r['naive_tok_s']} tok/s, session {r['session_tok_s']} tok/s (x{r['ratio_session']}), "
               f"streaming {r['streaming_tok_s']} tok/s; best x{r['ratio_best']} (median of pairs "
               f"x{r['ratio_median_pairs']}); per CPU second: naive {r['naive_cpu_tok_s']}, session "
