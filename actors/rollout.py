@@ -24,6 +24,17 @@ episodes overlaps the env steps of others and no turn waits for the slowest epis
 
 Greedy decoding gives the same tokens on all three; seeded sampling gives the same tokens
 with and without streaming (tests/actors/test_generators.py).
+
+A weight push can land between two turns of an episode (asynchronous mode; generators apply
+updates at turn boundaries). ``partial_rollouts`` says what happens to such an episode:
+
+* ``finish``: it goes on; its later turns come from the new weights, and every row keeps the
+  version that produced it (the queue's lag bound uses the oldest).
+* ``abort``: when a turn comes back from a newer version than the episode's first turn, the
+  episode is thrown away and restarted from its prompt (a fresh env episode, a fresh generator
+  session, new seeds), so every trained episode comes from one version. Its rows are held here
+  and reach the queue only when it ends, so the queue never sees an aborted episode's rows.
+  After ``max_aborts_per_episode`` restarts it finishes on mixed versions instead (counted).
 """
 
 from __future__ import annotations
@@ -67,6 +78,9 @@ class _Episode:
     state_hash: int = 0
     done: bool = False
     summary: dict = field(default_factory=dict)
+    first_version: int = -1  # policy version of turn 0 (partial_rollouts: abort)
+    aborts: int = 0  # restarts after a weight push mid-episode
+    held: list = field(default_factory=list)  # rows kept until the episode ends (partial_rollouts: abort)
 
 
 class RolloutWorker:
@@ -74,7 +88,8 @@ class RolloutWorker:
 
     def __init__(self, model_path: str, generators: list, env_workers: list, queue=None, *,
                  run_id: str = "run", max_tokens_per_turn: int = 64, max_tokens_per_episode: int = 512,
-                 session_kv: bool = True, streaming: bool = False, env_restart_wait_s: float = 120.0):
+                 session_kv: bool = True, streaming: bool = False, env_restart_wait_s: float = 120.0,
+                 partial_rollouts: str = "finish", max_aborts_per_episode: int = 2):
         register_arrow_serializers()  # batches put into the queue travel as one Arrow IPC buffer
         self.tokenizer = load_tokenizer(model_path)
         self.generators = generators
@@ -87,6 +102,10 @@ class RolloutWorker:
         if streaming and not session_kv:
             raise ValueError("streaming rollouts need session_kv=True")
         self.session_kv, self.streaming = session_kv, streaming
+        if partial_rollouts not in ("finish", "abort"):
+            raise ValueError(f"partial_rollouts={partial_rollouts!r}: use 'finish' or 'abort'")
+        self.partial_rollouts, self.max_aborts_per_episode = partial_rollouts, max_aborts_per_episode
+        self._aborted = self._aborted_tokens = self._mixed = 0  # counts of the current run
         self.pool = GeneratorPool(generators) if session_kv else None
         self.envs = EnvClient(env_workers, restart_wait_s=env_restart_wait_s)  # replays episodes a restarted env worker lost
         self._by_id: dict[str, _Episode] = {}
@@ -130,6 +149,7 @@ class RolloutWorker:
                                          group_size, ex, eid % len(self.env_workers)))
         self._by_id = {str(e.episode_id): e for e in episodes}
         replayed_before = self.envs.replayed
+        self._aborted = self._aborted_tokens = self._mixed = 0
         self._reset(episodes)
         self._runs += 1
         self._session_prefix = f"{self.run_id}/{self._runs}/{stable_hash(time.time_ns()) & 0xFFFFFFFF:08x}"
@@ -157,6 +177,9 @@ class RolloutWorker:
             "action_tokens": action_tokens,
             "seconds": elapsed,
             "env_replayed": self.envs.replayed - replayed_before,  # episodes rebuilt on a restarted env worker
+            "aborted_episodes": self._aborted,  # partial_rollouts: abort -- restarts after a mid-episode push
+            "aborted_action_tokens": self._aborted_tokens,  # sampled tokens those restarts threw away
+            "mixed_version_episodes": self._mixed,  # episodes whose turns came from more than one version
         }
 
     # -- phases --------------------------------------------------------------------
@@ -184,8 +207,12 @@ class RolloutWorker:
         actions = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outputs]
         results = self._env_step(live, actions)
         t_end = time.time()
-        rows = [self._close_turn(e, out, action, res, t_start, t_end)
-                for e, out, action, res in zip(live, outputs, actions, results)]
+        rows, aborted = [], []
+        for e, out, action, res in zip(live, outputs, actions, results):
+            if self._must_abort(e, out):
+                aborted.append(e)
+            else:
+                rows += self._close_turn(e, out, action, res, t_start, t_end)
         done_ids: dict[int, list[int]] = {}
         for e in live:
             if e.done:
@@ -194,10 +221,45 @@ class RolloutWorker:
             self.env_workers[i].close.remote(ids)
         if self.pool is not None:
             self.pool.release([self._session_id(e) for e in live if e.done])
+        self._restart(aborted)
         return rows
 
-    def _close_turn(self, e: _Episode, out, action: str, res, t_start: float, t_end: float) -> dict:
-        """The Arrow row of a finished turn; advances the episode (or marks it done)."""
+    # -- partial rollouts (a weight push mid-episode) -----------------------------------
+    def _must_abort(self, e: _Episode, out) -> bool:
+        """Whether this turn's output ends the episode's attempt (``partial_rollouts: abort``)."""
+        if e.turn == 0 or out.version == e.first_version:
+            return False
+        if self.partial_rollouts == "abort" and e.aborts < self.max_aborts_per_episode:
+            self._aborted_tokens += len(out.token_ids) + sum(len(r[S.ACTION_TOKEN_IDS]) for r in e.held)
+            return True
+        if not e.summary.get("mixed_versions"):
+            e.summary["mixed_versions"] = True
+            self._mixed += 1
+        return False
+
+    def _restart(self, episodes: list[_Episode]) -> None:
+        """Throw away the attempts of ``episodes`` and start them again from their prompts."""
+        if not episodes:
+            return
+        by_env: dict[int, list[str]] = {}
+        for e in episodes:
+            by_env.setdefault(e.env_index, []).append(str(e.episode_id))
+            self._aborted += 1
+        for i, ids in by_env.items():
+            self.env_workers[i].close.remote(ids)
+        if self.pool is not None:
+            self.pool.release([self._session_id(e) for e in episodes])
+        log.info("partial_rollouts=abort: %d episode(s) restarted after a weight push mid-episode", len(episodes))
+        for e in episodes:
+            e.aborts += 1
+            e.turn, e.done, e.held, e.summary, e.first_version = 0, False, [], {}, -1
+        self._reset(episodes)
+
+    def _close_turn(self, e: _Episode, out, action: str, res, t_start: float, t_end: float) -> list[dict]:
+        """The Arrow row of a finished turn, as the rows to send now; advances the episode (or marks it done).
+
+        ``partial_rollouts: abort`` holds an episode's rows until its last turn, then sends them all.
+        """
         eos = self.tokenizer.eos_token_id
         info = res.info or {}
         out_of_budget = len(e.tokens) + len(out.token_ids) >= self.max_tokens_per_episode
@@ -226,6 +288,8 @@ class RolloutWorker:
             S.GROUP_SIZE: e.group_size, S.T_START: t_start, S.T_END: t_end,
         }
         self._summarise(e, row, action, info)
+        if e.turn == 0:
+            e.first_version = out.version
         if done:
             e.done = True
         else:
@@ -234,13 +298,20 @@ class RolloutWorker:
                                        {"role": "user", "content": obs_text}]
             e.state_hash = stable_hash(res.observation_text)
             e.turn += 1
-        return row
+        if self.partial_rollouts == "finish":
+            return [row]
+        e.held.append(row)
+        if not done:
+            return []
+        rows, e.held = e.held, []
+        return rows
 
     def _session_id(self, e: _Episode) -> str:
-        return f"{self._session_prefix}/{e.episode_id}"
+        return f"{self._session_prefix}/{e.episode_id}" + (f"~{e.aborts}" if e.aborts else "")
 
     def _request(self, e: _Episode, params: SamplingParams, cap: int) -> Request:
-        seed = None if params.seed is None else stable_hash((params.seed, e.episode_id, e.turn))
+        key = (params.seed, e.episode_id, e.turn) + ((e.aborts,) if e.aborts else ())
+        seed = None if params.seed is None else stable_hash(key)
         return Request(self._session_id(e), list(e.tokens), params, max_new_tokens=cap, seed=seed,
                        request_id=f"{self._session_id(e)}#{e.turn}")
 
@@ -299,12 +370,16 @@ class RolloutWorker:
                     results = self.envs.finish_step(items[0][0].env_index, ref, [str(e.episode_id) for e, _, _ in items],
                                                     [a for _, _, a in items], self._history)
                     t_end = time.time()
-                    nxt, ended = [], []
+                    nxt, ended, aborted = [], [], []
                     for (e, o, action), res in zip(items, results):
-                        row = self._close_turn(e, o, action, res, t_submit[e.episode_id], t_end)
-                        pending_rows.append(row)
+                        if self._must_abort(e, o):
+                            aborted.append(e)
+                            continue
                         action_tokens += len(o.token_ids)
+                        pending_rows += self._close_turn(e, o, action, res, t_submit[e.episode_id], t_end)
                         (ended if e.done else nxt).append(e)
+                    self._restart(aborted)
+                    nxt += aborted
                     if ended:
                         remaining -= len(ended)
                         by_env_done: dict[int, list[str]] = {}

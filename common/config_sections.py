@@ -233,10 +233,16 @@ class RolloutConfig:
     mode: str = "sync"  # sync: generate a step's groups, then train on them (on-policy); async: generation keeps running while the learner trains, bounded by queue.max_policy_lag
     max_restarts: int = 3  # Ray restarts of a dead rollout worker; its unfinished groups are aborted and their prompts run again under new ids (sync and async)
     get_timeout_s: float = 600.0  # async: the learner fails if no batch of complete groups arrives within this many seconds
+    partial_rollouts: str = "finish"  # a weight push mid-episode: finish (its later turns run on the new weights, each turn keeps its version) | abort (the episode restarts from its prompt on the new weights; its rows reach the queue only once it ends)
+    max_aborts_per_episode: int = 2  # abort: after this many restarts an episode finishes on mixed versions (counted), so frequent pushes cannot starve it
 
     def validate(self, p: str) -> None:
         if self.mode not in ("sync", "async"):
             _fail(f"{p}.mode", self.mode, "must be 'sync' or 'async'")
+        if self.partial_rollouts not in ("finish", "abort"):
+            _fail(f"{p}.partial_rollouts", self.partial_rollouts, "must be 'finish' or 'abort'")
+        if self.max_aborts_per_episode < 0:
+            _fail(f"{p}.max_aborts_per_episode", self.max_aborts_per_episode, "must be >= 0")
         if self.max_restarts < 0:
             _fail(f"{p}.max_restarts", self.max_restarts, "must be >= 0")
         if self.get_timeout_s <= 0:

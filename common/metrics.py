@@ -33,6 +33,8 @@ ACTION_TOKENS_MEAN = "rollout/action_tokens/mean"
 EPISODES_TOTAL = "rollout/episodes/total"
 ROLLOUT_IN_FLIGHT = "rollout/in_flight/groups"  # async mode
 ROLLOUT_FAILED_CALLS = "rollout/failed_calls/total"  # async mode
+ROLLOUT_ABORTED_EPISODES = "rollout/aborted_episodes/count"  # rollout.partial_rollouts: abort
+ROLLOUT_MIXED_VERSION_EPISODES = "rollout/mixed_version_episodes/count"
 # --- advantages ----------------------------------------------------------------
 ADV_TURN_MEAN = "train/advantage/turn{k}/mean"  # format with k = turn index
 ADV_TURN_STD = "train/advantage/turn{k}/std"
@@ -111,6 +113,8 @@ METRICS: dict[str, str] = {
     EPISODES_TOTAL: "Episodes consumed by the learner so far",
     ROLLOUT_IN_FLIGHT: "Groups handed to the rollout worker and not yet finished (async mode)",
     ROLLOUT_FAILED_CALLS: "Rollout-worker calls lost to a crash; their groups were aborted and sampled again (async mode)",
+    ROLLOUT_ABORTED_EPISODES: "Episode attempts of the step thrown away because a weight push landed mid-episode (partial_rollouts: abort)",
+    ROLLOUT_MIXED_VERSION_EPISODES: "Episodes of the step whose turns came from more than one policy version",
     LOSS: "Policy loss of the last step",
     KL: "Approximate KL between behaviour and current policy",
     CLIP_FRAC: "Fraction of action tokens whose ratio was clipped",

@@ -17,9 +17,11 @@ oldest turn lags the learner's version by more than L, using the version stored 
 holds whatever the scheduling, after pauses, generator or rollout-worker restarts, and snapshot
 restores.
 
-In-flight episodes are never interrupted by a weight push. A generator applies new weights between
-turns, so an episode's later turns may come from a newer version than its first. Every turn keeps
-the version that produced it, and a group's lag is that of its oldest turn.
+A weight push never interrupts a turn: a generator applies new weights between turns. What happens
+to an episode caught between two turns is ``rollout.partial_rollouts``: ``finish`` (default) lets it
+go on, so its later turns come from the newer version; ``abort`` restarts it from its prompt on the
+new weights (actors/rollout.py). Every turn keeps the version that produced it, and a group's lag is
+that of its oldest turn.
 
 If the rollout worker dies, Ray restarts it (``rollout.max_restarts``). Its calls in flight fail.
 Their groups are aborted in the queue: rows already held are discarded, and rows that still arrive
@@ -53,7 +55,9 @@ def merge_rollouts(results: list[dict[str, Any]]) -> dict[str, Any]:
     return {"episodes": [e for r in results for e in r["episodes"]],
             "rows": sum(r["rows"] for r in results),
             "action_tokens": sum(r["action_tokens"] for r in results),
-            "seconds": sum(r["seconds"] for r in results)}
+            "seconds": sum(r["seconds"] for r in results),
+            **{k: sum(r.get(k, 0) for r in results)
+               for k in ("aborted_episodes", "aborted_action_tokens", "mixed_version_episodes")}}
 
 
 @dataclass

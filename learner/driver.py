@@ -236,6 +236,8 @@ def rollout_metrics(result: dict[str, Any]) -> dict[str, float]:
         M.ACTION_TOKENS_MEAN: sum(e.get("action_tokens", 0) for e in eps) / n,
         M.TOKENS_PER_S: result["action_tokens"] / max(result["seconds"], 1e-9),
         M.TIME_ROLLOUT: result["seconds"],
+        M.ROLLOUT_ABORTED_EPISODES: float(result.get("aborted_episodes", 0)),
+        M.ROLLOUT_MIXED_VERSION_EPISODES: float(result.get("mixed_version_episodes", 0)),
     }
 
 

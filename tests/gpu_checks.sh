@@ -18,6 +18,7 @@ PY=${PY:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=1
 cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the repo's packages without an editable install
 
 step() {  # step NAME LIMIT_S CMD...: run with a time limit, log to $OUT/NAME.log, print the exit code
   local name=$1 limit=$2

@@ -221,3 +221,52 @@ def test_nccl_weight_group_single_process():
     plans = group.send(state, bucket_bytes=32)
     assert [s.name for p in plans for s in p.specs] == ["w", "b"]
     group.close()
+
+
+class _PushMidEpisode(ScriptedEnv):
+    """A slow tool: while its first step call runs, the learner pushes new weights (as in async mode)."""
+
+    def __init__(self, push, max_turns: int = 3):
+        super().__init__(max_turns)
+        self.push, self.calls = push, 0
+
+    def step(self, episode_ids, actions):
+        self.calls += 1
+        if self.calls == 1:
+            self.push()
+        return super().step(episode_ids, actions)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["turn-sync", "streaming"])
+@pytest.mark.parametrize("mode", ["finish", "abort"])
+def test_partial_rollouts_after_a_push_mid_episode(cluster, local, mode, streaming):
+    ray = cluster["ray"]
+    base = max(ray.get([g.version.remote() for g in cluster["gens"]]))
+    env = _PushMidEpisode(lambda: _push(cluster, base + 1, _perturbed(local.model, 0.3, seed=7)))
+    queue = ListQueue()
+    worker = RolloutWorker(cluster["path"], cluster["gens"], [LocalHandle(env)], LocalHandle(queue), run_id="p",
+                           max_tokens_per_turn=8, max_tokens_per_episode=200, streaming=streaming,
+                           partial_rollouts=mode)
+    examples = [{"question": q} for q in ("Where is Karo Velmin from?", "Who is Karo?", "Born when?")]
+    res = worker.run(examples, group_size=2, first_group_id=0, first_episode_id=0,
+                     params=SamplingParams(max_new_tokens=8, seed=1, stop=["</tool>"]))
+    by_episode: dict[int, list[dict]] = {}
+    for r in queue.rows():
+        by_episode.setdefault(r[S.EPISODE_ID], []).append(r)
+    # every episode reaches the queue exactly once, whole: turns 0, 1, 2, the last one flagged
+    assert sorted(by_episode) == list(range(6)) and res["rows"] == 18
+    for rows in by_episode.values():
+        assert sorted(r[S.TURN_INDEX] for r in rows) == [0, 1, 2]
+        assert [r[S.IS_LAST_TURN] for r in sorted(rows, key=lambda r: r[S.TURN_INDEX])] == [False, False, True]
+    versions = {e: [r[S.POLICY_VERSION] for r in sorted(rows, key=lambda r: r[S.TURN_INDEX])]
+                for e, rows in by_episode.items()}
+    if mode == "finish":  # episodes go on across the push; each turn says which weights produced it
+        assert res["aborted_episodes"] == 0 and res["mixed_version_episodes"] > 0
+        mixed = [v for v in versions.values() if len(set(v)) > 1]
+        assert len(mixed) == res["mixed_version_episodes"]
+        assert all(v[0] == base and v[-1] == base + 1 and v == sorted(v) for v in mixed)
+    else:  # the episodes caught by the push restarted on the new weights: one version per episode
+        assert res["aborted_episodes"] > 0 and res["aborted_action_tokens"] > 0
+        assert res["mixed_version_episodes"] == 0
+        assert all(v == [base + 1] * 3 for v in versions.values())
+    assert sum(s["sessions"] for s in ray.get([g.stats.remote() for g in cluster["gens"]])) == 0

@@ -32,6 +32,8 @@ def test_unknown_key_gets_did_you_mean(tmp_path):
     ("learner.zero_stage=5", "learner.zero_stage"),
     ("learner.total_steps=ten", "learner.total_steps"),
     ("queue.stale_mode=keep", "queue.stale_mode"),
+    ("rollout.partial_rollouts=drop", "rollout.partial_rollouts"),
+    ("rollout.max_aborts_per_episode=-1", "rollout.max_aborts_per_episode"),
     ("queue.stale_decay=0", "queue.stale_decay"),
     ("queue.capacity_bytes=0", "queue.capacity_bytes"),
     ("queue.put_timeout_s=0", "queue.put_timeout_s"),

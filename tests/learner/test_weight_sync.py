@@ -29,6 +29,7 @@ OVERRIDES = ["generators.num=2", "generators.kv_budget_tokens=4096", "generators
              "generators.keep_kv_across_versions=true", "generators.torch_threads=1", "generators.streaming=true",
              "generators.lean_forward=false",
              "generation.max_tokens_per_turn=12", "generation.max_tokens_per_episode=300",
+             "rollout.partial_rollouts=abort", "rollout.max_aborts_per_episode=5",
              "learner.weight_sync=broadcast", "learner.micro_batch_size=4", "learner.lr=0.01", "learner.torch_threads=1",
              f"algorithm.group_size={G}", f"algorithm.prompts_per_step={GROUPS}"]
 
@@ -76,6 +77,7 @@ def test_generator_settings_reach_the_engine_in_the_actor(actors):
     worker = RolloutWorker(actors["path"], actors["gens"], [], **rollout_kwargs(cfg))
     assert (worker.session_kv, worker.streaming) == (True, True)
     assert (worker.max_tokens_per_turn, worker.max_tokens_per_episode) == (12, 300)
+    assert (worker.partial_rollouts, worker.max_aborts_per_episode) == ("abort", 5)
 
 
 def _generator_state(ray, gen) -> tuple[int, dict[str, torch.Tensor]]:
