@@ -111,15 +111,16 @@ def check_faults(cfg: Config) -> None:
 def weight_sync_mode(cfg: Config) -> tuple[str, str | None]:
     """The resolved ``learner.weight_sync``: ``("object_store", None)`` or ``("broadcast", backend)``.
 
-    ``auto`` is ``broadcast`` when learner ranks and generators both reserve GPUs (and do not
-    share them), ``object_store`` otherwise. The broadcast backend is NCCL when both ends have
+    ``auto`` is ``broadcast`` when learner ranks and generators both reserve whole GPUs (and do
+    not share them: NCCL refuses two ranks on one device), ``object_store`` otherwise. The broadcast backend is NCCL when both ends have
     GPUs, gloo (CPU tensors) when either end runs on CPU.
     """
     lc, g = cfg.learner, cfg.generators
     both_gpu = lc.num_gpus > 0 and g.num_gpus > 0
     mode = lc.weight_sync
     if mode == "auto":
-        mode = "broadcast" if both_gpu and not cfg.placement.colocate else "object_store"
+        whole = lc.num_gpus >= 1 and g.num_gpus >= 1
+        mode = "broadcast" if whole and not cfg.placement.colocate else "object_store"
     if mode == "object_store":
         return mode, None
     return mode, "nccl" if both_gpu else "gloo"
@@ -138,6 +139,11 @@ def check_weight_sync(cfg: Config) -> None:
         raise ConfigError("config field `learner.weight_sync` = 'broadcast' with `placement.colocate` = true: "
                           "NCCL cannot join two processes on the same GPU (generator 0 shares learner rank 0's); "
                           "use learner.weight_sync: object_store")
+    if lc.num_gpus > 0 and g.num_gpus > 0 and (lc.num_gpus < 1 or g.num_gpus < 1):
+        raise ConfigError(f"config field `learner.weight_sync` = 'broadcast' with learner.num_gpus = {lc.num_gpus!r} "
+                          f"and generators.num_gpus = {g.num_gpus!r}: the NCCL broadcast needs whole GPUs (>= 1) "
+                          "on both ends, since Ray may pack fractional ones onto one device and NCCL refuses two "
+                          "ranks on one GPU ('Duplicate GPU detected'); use learner.weight_sync: object_store")
 
 
 def _validate_tree(obj: Any, path: str) -> None:

@@ -91,6 +91,7 @@ class AsyncLoop:
         self.finished: list[dict[str, Any]] = []  # results of calls not yet reported
         self.last_rollout: dict[str, float] = {}
         self.failed_calls = 0
+        self.aborted_episodes = 0  # episode attempts restarted after a mid-episode push (partial_rollouts: abort)
         self.trained_lags: list[int] = []  # lag of each trained batch, from its rows
         self.episodes_trained = 0
         self._step = 0
@@ -147,6 +148,7 @@ class AsyncLoop:
             self.calls.remove(call)
             try:
                 self.finished.append(ray.get(call.ref))
+                self.aborted_episodes += self.finished[-1].get("aborted_episodes", 0)
                 self.trainer.audit.complete(self.finished[-1])  # episode audit (learner/faults.py)
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
                 self.failed_calls += 1

@@ -39,6 +39,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from common import metrics as M  # noqa: E402
+from common import schema as S  # noqa: E402
 from common.config import load_config  # noqa: E402
 
 log = logging.getLogger("bench_async")
@@ -54,14 +55,19 @@ def run_mode(trainer, mode: str, steps: int, warmup: int, first_step: int) -> di
     dropped0 = ray.get(trainer.queue.stats.remote())[M.QUEUE_DROPPED_STALE]
     loop = AsyncLoop(trainer) if mode == "async" else None
     lags: list[int] = []
-    if loop is None:
-        get = trainer.train_on
+    mixed = [0]  # trained episodes whose turns came from more than one policy version
+    get = trainer.train_on
 
-        def recording(table):
-            lags.append(batch_lag(table, trainer.version))
-            return get(table)
+    def recording(table):
+        lags.append(batch_lag(table, trainer.version))
+        versions: dict[int, set[int]] = {}
+        for e, v in zip(table.column(S.EPISODE_ID).to_pylist(), table.column(S.POLICY_VERSION).to_pylist()):
+            versions.setdefault(e, set()).add(v)
+        mixed[0] += sum(len(v) > 1 for v in versions.values())
+        return get(table)
 
-        trainer.train_on = recording
+    trainer.train_on = recording
+    aborted0 = loop.aborted_episodes if loop is not None else 0
     wall = busy = 0.0
     try:
         for i in range(warmup + steps):
@@ -78,15 +84,15 @@ def run_mode(trainer, mode: str, steps: int, warmup: int, first_step: int) -> di
                 wall += dt
                 busy += stats[M.TIME_UPDATE] + stats[M.TIME_ADVANTAGE]
     finally:
-        if loop is None:
-            del trainer.train_on  # back to the class method
-        else:
-            lags = loop.trained_lags
+        del trainer.train_on  # back to the class method
+        if loop is not None:
+            aborted0 = loop.aborted_episodes - aborted0
             loop.close()
     episodes = steps * n * trainer.cfg.algorithm.group_size
     dropped = ray.get(trainer.queue.stats.remote())[M.QUEUE_DROPPED_STALE] - dropped0
     return {"episodes_per_s": episodes / wall, "steps_per_s": steps / wall, "idle": 1.0 - busy / wall,
-            "lag_max": float(max(lags[warmup:] or [0])), "stale_dropped": dropped, "wall_s": wall}
+            "lag_max": float(max(lags[warmup:] or [0])), "stale_dropped": dropped, "wall_s": wall,
+            "aborted": float(aborted0 if loop is not None else 0), "mixed_trained": float(mixed[0])}
 
 
 def compare(cfg, args: argparse.Namespace, label: str) -> dict[str, dict[str, float]]:
@@ -105,8 +111,9 @@ def compare(cfg, args: argparse.Namespace, label: str) -> dict[str, dict[str, fl
                 step += args.steps + args.warmup
                 results[mode].append(res)
                 log.info("%s round %d %-5s %6.2f episodes/s  %5.3f steps/s  learner idle %4.2f  max lag %d  "
-                         "stale groups dropped %d  (%.1f s)", label, r, mode, res["episodes_per_s"],
-                         res["steps_per_s"], res["idle"], res["lag_max"], res["stale_dropped"], res["wall_s"])
+                         "stale groups dropped %d  episodes aborted %d  mixed-version episodes trained %d  (%.1f s)",
+                         label, r, mode, res["episodes_per_s"], res["steps_per_s"], res["idle"], res["lag_max"],
+                         res["stale_dropped"], res["aborted"], res["mixed_trained"], res["wall_s"])
     finally:
         trainer.close()
     return {mode: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for mode, rs in results.items()}
@@ -142,11 +149,11 @@ def main() -> None:
     print(f"{args.prompts} prompts x G={args.group_size} per step, {args.steps} timed steps per mode and round, "
           f"{args.repeats} rounds, max_policy_lag={cfg.queue.max_policy_lag}; medians")
     print(f"{'config':<22}{'mode':<7}{'episodes/s':>11}{'steps/s':>9}{'learner idle':>14}{'max lag':>9}"
-          f"{'stale dropped':>15}")
+          f"{'stale dropped':>15}{'aborted':>9}{'mixed trained':>15}")
     for name, modes in table.items():
         for mode, m in modes.items():
             print(f"{name:<22}{mode:<7}{m['episodes_per_s']:>11.2f}{m['steps_per_s']:>9.3f}{m['idle']:>14.2f}"
-                  f"{m['lag_max']:>9.0f}{m['stale_dropped']:>15.0f}")
+                  f"{m['lag_max']:>9.0f}{m['stale_dropped']:>15.0f}{m['aborted']:>9.0f}{m['mixed_trained']:>15.0f}")
     ratios = {name: m["async"]["episodes_per_s"] / m["sync"]["episodes_per_s"] for name, m in table.items()}
     print(f"async ratio with {slow}: {ratios[slow]:.2f}")
     print(f"async ratio: {ratios['embedded']:.2f}")

@@ -84,6 +84,10 @@ def test_cross_section_rules_fail_at_load_naming_fields_values_and_rules():
     assert weight_sync_mode(load_config(None, colocated)) == ("object_store", None)
     assert weight_sync_mode(load_config(None, ["learner.num_gpus=1", "generators.num_gpus=1"])) == ("broadcast", "nccl")
     assert weight_sync_mode(load_config(None, ["learner.weight_sync=broadcast"])) == ("broadcast", "gloo")
+    half = ["learner.num_gpus=0.5", "generators.num_gpus=0.5"]  # Ray may put both on one device
+    assert weight_sync_mode(load_config(None, half)) == ("object_store", None)
+    with pytest.raises(ConfigError, match=r"`learner.weight_sync` = 'broadcast' with learner.num_gpus = 0.5.*whole GPUs"):
+        load_config(None, half + ["learner.weight_sync=broadcast"])
 
 
 def test_queue_section_configures_the_replay_queue():
