@@ -71,7 +71,8 @@ class HFEngine(SessionScheduler):
     """Batched KV-cache decoding over a transformers causal LM (CPU or GPU)."""
 
     def __init__(self, model, tokenizer, device: str = "cpu", *, kv_budget_tokens: int = 262144,
-                 keep_kv_across_versions: bool = False, max_prefill_tokens: int = 8192, lean_forward: bool = True):
+                 keep_kv_across_versions: bool = False, max_prefill_tokens: int = 8192, lean_forward: bool = True,
+                 cuda_graphs: bool = False):
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.device = device
@@ -87,6 +88,15 @@ class HFEngine(SessionScheduler):
         self._init_sessions(kv_budget_tokens, keep_kv_across_versions, max_prefill_tokens)
         self._lean = LeanForward.build(self.model, self._kv) if lean_forward else None
         self.lean_forward = self._lean is not None
+        self._graphs = None  # decode steps replayed as CUDA graphs (actors/cuda_graphs.py)
+        if cuda_graphs and (self._lean is None or torch.device(device).type != "cuda"):
+            log.info("cuda_graphs off: it needs the lean forward on a CUDA device (device %s, lean forward %s)",
+                     device, self.lean_forward)
+        elif cuda_graphs:
+            from actors.cuda_graphs import DecodeGraphs
+
+            self._graphs = DecodeGraphs(self._lean, self._kv, device)
+        self.cuda_graphs = self._graphs is not None
 
     def _stops(self, stop: list[str]) -> tuple[set[int], list[str]]:
         """Split stop strings into single-token ids (fast path) and multi-token strings."""
@@ -254,7 +264,9 @@ class HFEngine(SessionScheduler):
         return {"sessions": len(self._sessions), "cached_tokens": self._cached_tokens,
                 "reserved_tokens": self._reserved, "running": len(self._rows), "waiting": len(self._waiting),
                 "kv_budget_tokens": self.kv_budget_tokens, "evictions": self._evictions,
-                "slab_bytes": self._kv.nbytes(), "staged_updates": len(self._staged), **self._counters}
+                "slab_bytes": self._kv.nbytes(), "staged_updates": len(self._staged), **self._counters,
+                "graph_captures": self._graphs.captures if self._graphs else 0,
+                "graph_replays": self._graphs.replays if self._graphs else 0}
 
     def update_weights(self, states: Iterable[dict[str, torch.Tensor]], version: int) -> bool:
         """Apply a versioned update now if no row is running, else at the end of the running turns.
@@ -276,6 +288,15 @@ class HFEngine(SessionScheduler):
         Returns the logits float[B, V] of each row's last column.
         """
         ids, qpos = ids.to(self.device), qpos.to(self.device)
+        if self._graphs is not None and ids.shape[1] == 1 and lo == 0:  # a decode step of the running batch
+            try:
+                logits = self._graphs(ids, qpos)
+            except RuntimeError as err:  # e.g. an op that cannot be captured: stay eager from now on
+                log.warning("cuda_graphs off after a failed capture or replay: %s", err)
+                self._graphs, self.cuda_graphs, logits = None, False, None
+            if logits is not None:
+                self._counters["forwards"] += 1
+                return logits
         cols = torch.arange(read, device=self.device)
         allowed = cols[None, None, :] <= qpos[:, :, None]  # [B, Q, read] causal by position
         self._counters["forwards"] += 1

@@ -45,7 +45,7 @@ class Generator:
     def __init__(self, model_path: str, *, dtype: str = "float32", torch_threads: int = 1,
                  backend: str = "hf", weight_store: Any = None, kv_budget_tokens: int = 262144,
                  keep_kv_across_versions: bool = False, max_prefill_tokens: int = 8192, lean_forward: bool = True,
-                 vllm_kwargs: dict | None = None):
+                 cuda_graphs: bool = False, vllm_kwargs: dict | None = None):
         torch.set_num_threads(max(1, torch_threads))
         self.tokenizer = load_tokenizer(model_path)
         self._instance = uuid.uuid4().hex
@@ -54,7 +54,8 @@ class Generator:
             self.engine = HFEngine(load_model(model_path, dtype), self.tokenizer, device=device,
                                    kv_budget_tokens=kv_budget_tokens,
                                    keep_kv_across_versions=keep_kv_across_versions,
-                                   max_prefill_tokens=max_prefill_tokens, lean_forward=lean_forward)
+                                   max_prefill_tokens=max_prefill_tokens, lean_forward=lean_forward,
+                                   cuda_graphs=cuda_graphs)
         elif backend == "vllm":
             from actors.vllm_engine import VLLMEngine
 
@@ -65,6 +66,7 @@ class Generator:
         self._settings = {"backend": backend, "dtype": dtype, "torch_threads": torch_threads,
                           "kv_budget_tokens": kv_budget_tokens, "max_prefill_tokens": max_prefill_tokens,
                           "keep_kv_across_versions": keep_kv_across_versions, "lean_forward": lean_forward,
+                          "cuda_graphs": cuda_graphs,
                           "vllm_kwargs": dict(vllm_kwargs or {})}
         self.weight_store = weight_store
         self._group: WeightGroup | None = None
@@ -182,7 +184,7 @@ class Generator:
     def settings(self) -> dict[str, Any]:
         """The constructor settings as the engine holds them (what the config asked for)."""
         out = dict(self._settings)
-        for key in ("kv_budget_tokens", "max_prefill_tokens", "keep_kv_across_versions", "lean_forward"):
+        for key in ("kv_budget_tokens", "max_prefill_tokens", "keep_kv_across_versions", "lean_forward", "cuda_graphs"):
             if hasattr(self.engine, key):
                 out[key] = getattr(self.engine, key)
         return out

@@ -125,6 +125,7 @@ class GeneratorsConfig:
     kv_budget_tokens: int = 262144  # hf: KV tokens a generator may hold (running turns' reservations + idle sessions; idle ones are evicted, then re-prefilled)
     max_prefill_tokens: int = 8192  # hf: padded tokens per prefill forward (bounds activation memory)
     keep_kv_across_versions: bool = False  # hf: reuse KV computed by older weights after an update (faster, slightly off-policy)
+    cuda_graphs: bool = False  # hf on a GPU: replay each decode step as a CUDA graph (actors/cuda_graphs.py; needs lean_forward); off on CPU
     lean_forward: bool = True  # hf: run Qwen2/Llama models through turnrl's own forward over the KV slots (same ops as transformers, bit for bit, without per-module overhead); false: the transformers modules
     vllm_gpu_memory_utilization: float = 0.5  # vllm: fraction of the GPU for weights + KV cache (the learner may share the GPU)
 

@@ -42,6 +42,7 @@ def generator_kwargs(cfg: Config) -> dict[str, Any]:
         "dtype": cfg.model.dtype, "torch_threads": g.torch_threads, "backend": g.backend,
         "kv_budget_tokens": g.kv_budget_tokens, "max_prefill_tokens": g.max_prefill_tokens,
         "keep_kv_across_versions": g.keep_kv_across_versions, "lean_forward": g.lean_forward,
+        "cuda_graphs": g.cuda_graphs,
         "vllm_kwargs": {"gpu_memory_utilization": g.vllm_gpu_memory_utilization, "seed": cfg.run.seed},
     }
 

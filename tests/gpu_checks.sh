@@ -8,7 +8,8 @@
 #    learner on CUDA in bf16, weights into a CUDA engine, NCCL weight groups, the vLLM backend
 #    when vLLM is installed).
 # 2. Two NCCL ranks on GPU 0 (what a one-GPU machine can say about the two-process broadcast).
-# 3. bench_rollout.py on CUDA: the session engine vs HF generate re-prefilling every turn.
+# 3. bench_rollout.py on CUDA: the session engine (also with decode steps replayed as CUDA graphs)
+#    vs HF generate re-prefilling every turn.
 # 4. bench_queue.py and bench_async.py with the GPU hidden (CUDA_VISIBLE_DEVICES=): the Ray
 #    queue and the async/sync loop on a host with more cores than the 2-core dev box.
 # Each step has its own time limit (seconds, env vars below) so a slow one cannot starve the rest.
@@ -37,7 +38,7 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'transform
 step pytest_gpu "${LIMIT_PYTEST:-200}" env TURNRL_TEST_DEVICE=cuda DS_ACCELERATOR=cuda \
   $PY -m pytest -q -p no:cacheprovider -m "gpu or not slow" -rs \
   tests/actors/test_engine.py tests/actors/test_sessions.py tests/actors/test_lean_forward.py \
-  tests/actors/test_vllm_engine.py tests/learner/test_cuda_learner.py \
+  tests/actors/test_cuda_graphs.py tests/actors/test_vllm_engine.py tests/learner/test_cuda_learner.py \
   "tests/actors/test_generators.py::test_nccl_weight_group_single_process"
 
 TAIL=6 step nccl_two_ranks_one_gpu "${LIMIT_NCCL:-60}" $PY -c "
@@ -47,7 +48,7 @@ out = tempfile.mktemp()
 torch.multiprocessing.spawn(_two_rank_worker, args=(_free_port(), ['cuda:0', 'cuda:0'], out), nprocs=2)
 print('two NCCL ranks on one GPU, tensors equal:', torch.load(out, weights_only=True))"
 
-TAIL=8 step bench_rollout_cuda "${LIMIT_ROLLOUT:-200}" $PY tests/benchmarks/bench_rollout.py --device cuda \
+TAIL=8 step bench_rollout_cuda "${LIMIT_ROLLOUT:-200}" $PY tests/benchmarks/bench_rollout.py --device cuda --cuda-graphs \
   --repeats "${ROLLOUT_REPEATS:-3}" --big-questions 8 --big-group 8 --big-turns 4 --big-cap 48
 
 TAIL=6 step bench_queue "${LIMIT_QUEUE:-120}" env CUDA_VISIBLE_DEVICES= $PY tests/benchmarks/bench_queue.py \

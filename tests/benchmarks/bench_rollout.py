@@ -189,7 +189,8 @@ def _sync() -> None:
 
 
 def bench(name: str, model, tok, *, questions: int, group: int, turns: int, cap: int, repeats: int,
-          fixed_lengths: bool, seed: int = 0, compare_modules: bool = False, device: str = "cpu") -> dict:
+          fixed_lengths: bool, seed: int = 0, compare_modules: bool = False, device: str = "cpu",
+          cuda_graphs: bool = False) -> dict:
     model.to(device).eval()
     msgs, obs = load_workload(tok, questions, turns, seed)
     stops = [tok.convert_tokens_to_ids("</tool>"), tok.convert_tokens_to_ids("</answer>"), tok.eos_token_id]
@@ -203,7 +204,11 @@ def bench(name: str, model, tok, *, questions: int, group: int, turns: int, cap:
     engine.eos_ids = set() if fixed_lengths else set(stops)
     modules = HFEngine(model, tok, device=device, lean_forward=False)
     modules.eos_ids = engine.eos_ids
-    methods = ["naive", "session", "streaming"] + (["modules"] if compare_modules else [])
+    graphed = HFEngine(model, tok, device=device, cuda_graphs=True) if cuda_graphs else None
+    if graphed is not None:
+        graphed.eos_ids = engine.eos_ids
+    methods = (["naive", "session", "streaming"] + (["modules"] if compare_modules else [])
+               + (["graphs"] if graphed is not None else []))
     res = {m: [] for m in methods}
     run_session(engine, Episodes(tok, msgs[:1], obs[:1], 2), 2, 4, 0, "warm")  # warm-up
     run_naive(model, tok, Episodes(tok, msgs[:1], obs[:1], 2), 2, 4, stops, 0, None)
@@ -219,6 +224,8 @@ def bench(name: str, model, tok, *, questions: int, group: int, turns: int, cap:
                 n = run_session(engine, ep, turns, cap, seed + r, f"r{r}", lengths)
             elif method == "modules":
                 n = run_session(modules, ep, turns, cap, seed + r, f"m{r}", lengths)
+            elif method == "graphs":  # streaming, decode steps replayed as CUDA graphs
+                n = run_streaming(graphed, ep, turns, cap, seed + r, f"g{r}", lengths)
             else:
                 n = run_streaming(engine, ep, turns, cap, seed + r, f"s{r}", lengths)
             _sync()
@@ -229,7 +236,8 @@ def bench(name: str, model, tok, *, questions: int, group: int, turns: int, cap:
                      name, method, r, n, dt, n / dt, cpu, n / cpu)
     best = {m: max(v[0] for v in res[m]) for m in res}
     best_cpu = {m: max(v[3] for v in res[m]) for m in res}
-    ratios = [max(s[0], c[0]) / nv[0] for s, c, nv in zip(res["session"], res["streaming"], res["naive"])]
+    engines = [m for m in ("session", "streaming", "graphs") if m in res]
+    ratios = [max(x[0] for x in xs[1:]) / xs[0][0] for xs in zip(res["naive"], *(res[m] for m in engines))]
     params = sum(p.numel() for p in model.parameters())
     ep = Episodes(tok, msgs, obs, group)
     out = {
@@ -238,13 +246,18 @@ def bench(name: str, model, tok, *, questions: int, group: int, turns: int, cap:
         "naive_tok_s": round(best["naive"], 1), "session_tok_s": round(best["session"], 1),
         "streaming_tok_s": round(best["streaming"], 1),
         "ratio_session": round(best["session"] / best["naive"], 2),
-        "ratio_best": round(max(best["session"], best["streaming"]) / best["naive"], 2),
+        "ratio_best": round(max(best[m] for m in engines) / best["naive"], 2),
         "ratio_median_pairs": round(statistics.median(ratios), 2),
         "naive_cpu_tok_s": round(best_cpu["naive"], 1), "session_cpu_tok_s": round(best_cpu["session"], 1),
         "streaming_cpu_tok_s": round(best_cpu["streaming"], 1),
-        "ratio_cpu": round(max(best_cpu["session"], best_cpu["streaming"]) / best_cpu["naive"], 2),
+        "ratio_cpu": round(max(best_cpu[m] for m in engines) / best_cpu["naive"], 2),
         "engine_stats": engine.session_stats(), "lean_forward": engine.lean_forward,
     }
+    if graphed is not None:
+        out["graphs_tok_s"] = round(best["graphs"], 1)
+        out["graphs_over_streaming"] = round(best["graphs"] / best["streaming"], 2)
+        out["graph_stats"] = {k: v for k, v in graphed.session_stats().items() if k.startswith("graph_")}
+        out["cuda_graphs_on"] = graphed.cuda_graphs
     if compare_modules:
         out["modules_tok_s"] = round(best["modules"], 1)
         out["lean_over_modules"] = round(best["session"] / best["modules"], 2)
@@ -265,6 +278,8 @@ def main() -> None:
     ap.add_argument("--big-group", type=int, default=4, help="~100M model: episodes per prompt")
     ap.add_argument("--big-turns", type=int, default=3, help="~100M model: assistant turns")
     ap.add_argument("--big-cap", type=int, default=16, help="~100M model: max tokens per action")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="also run streaming with decode steps replayed as CUDA graphs (generators.cuda_graphs)")
     ap.add_argument("--compare-modules", action="store_true",
                     help="also run the session engine on the transformers modules (lean_forward=False)")
     args = ap.parse_args()
@@ -283,16 +298,19 @@ def main() -> None:
     if not args.big_only:
         results += [
             bench(small_name, small, tok, questions=8, group=8, turns=args.turns, cap=48, repeats=args.repeats,
-                  fixed_lengths=small_fixed, compare_modules=args.compare_modules, device=args.device),
+                  fixed_lengths=small_fixed, compare_modules=args.compare_modules, device=args.device,
+                  cuda_graphs=args.cuda_graphs),
             bench(small_name, small, tok, questions=8, group=8, turns=2, cap=48, repeats=args.repeats,
-                  fixed_lengths=small_fixed, compare_modules=args.compare_modules, device=args.device),
+                  fixed_lengths=small_fixed, compare_modules=args.compare_modules, device=args.device,
+                  cuda_graphs=args.cuda_graphs),
         ]
     if not args.quick:
         big = build_demo_model(len(tok), hidden=768, layers=12, heads=12, kv_heads=2, intermediate=3072,
                                max_positions=2048, seed=0)
         results.append(bench("qwen2-100M(random)", big, tok, questions=args.big_questions, group=args.big_group,
                              turns=args.big_turns, cap=args.big_cap, repeats=max(1, args.repeats - 1),
-                             fixed_lengths=True, compare_modules=args.compare_modules, device=args.device))
+                             fixed_lengths=True, compare_modules=args.compare_modules, device=args.device,
+                  cuda_graphs=args.cuda_graphs))
     for r in results:
         print(f"{r['name']:>24} [{r['device']}] params={r['params'] / 1e6:.1f}M episodes={r['episodes']} turns={r['turns']}: "
               f"naive {r['naive_tok_s']} tok/s, session {r['session_tok_s']} tok/s (x{r['ratio_session']}), "
@@ -300,7 +318,9 @@ def main() -> None:
               f"x{r['ratio_median_pairs']}); per CPU second: naive {r['naive_cpu_tok_s']}, session "
               f"{r['session_cpu_tok_s']}, streaming {r['streaming_cpu_tok_s']}: x{r['ratio_cpu']}"
               + (f"; lean forward / modules x{r['lean_over_modules']} (CPU x{r['lean_over_modules_cpu']})"
-                 if "lean_over_modules" in r else ""))
+                 if "lean_over_modules" in r else "")
+              + (f"; CUDA graphs {r['graphs_tok_s']} tok/s (x{r['graphs_over_streaming']} streaming, "
+                 f"{r['graph_stats']}, on={r['cuda_graphs_on']})" if "graphs_tok_s" in r else ""))
     print(f"bench_rollout ratio: {results[0]['ratio_best']:.2f}")
 
 
