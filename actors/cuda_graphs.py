@@ -18,7 +18,9 @@ What changes against the eager decode step:
 Graphs hold the addresses of the parameters and of the KV slabs. Weight updates copy into the
 parameters in place, so they need no new capture; a slab that grows is a new tensor, so every
 graph is dropped and captured again at the next step. The first step of a bucket runs the real
-inputs eagerly (it is the warm-up), then captures; later steps replay.
+inputs eagerly (it is the warm-up), then captures; later steps replay. A capture or replay that
+fails switches the engine back to eager decoding (``HFEngine._forward``). Measured on an H200:
+docs/benchmarks.md ("CUDA graphs").
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class DecodeGraphs:
         key = (self.slots.keys[0].data_ptr(), self.slots.slots, self.slots.width)
         if key != self._slab_key:  # new slabs: the recorded addresses are stale
             self.graphs.clear()
+            self._pool = None  # the pool went with its graphs: a stale handle trips the allocator
             self._slab_key = key
         g = self.graphs.get(bucket)
         if g is None:
