@@ -96,7 +96,11 @@ class HFEngine(SessionScheduler):
             from actors.cuda_graphs import DecodeGraphs
 
             self._graphs = DecodeGraphs(self._lean, self._kv, device)
-        self.cuda_graphs = self._graphs is not None
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether decode steps are replayed as CUDA graphs (off after a failed capture)."""
+        return self._graphs is not None
 
     def _stops(self, stop: list[str]) -> tuple[set[int], list[str]]:
         """Split stop strings into single-token ids (fast path) and multi-token strings."""
@@ -293,7 +297,7 @@ class HFEngine(SessionScheduler):
                 logits = self._graphs(ids, qpos)
             except RuntimeError as err:  # e.g. an op that cannot be captured: stay eager from now on
                 log.warning("cuda_graphs off after a failed capture or replay: %s", err)
-                self._graphs, self.cuda_graphs, logits = None, False, None
+                self._graphs, logits = None, None
             if logits is not None:
                 self._counters["forwards"] += 1
                 return logits

@@ -12,6 +12,7 @@ import torch
 
 from actors.engine import HFEngine, Request, SamplingParams
 from common.modeling import load_model, load_tokenizer
+from tests.actors.test_sessions import _fresh_logprobs, _hf_greedy
 
 GREEDY = SamplingParams(greedy=True, max_new_tokens=10)
 NO_CUDA = not torch.cuda.is_available()
@@ -22,20 +23,6 @@ def test_cuda_graphs_stay_off_without_a_gpu_or_the_lean_forward(tiny_policy):
     assert HFEngine(load_model(tiny_policy), tok, device="cpu", cuda_graphs=True).cuda_graphs is False
     modules = HFEngine(load_model(tiny_policy), tok, device="cpu", lean_forward=False, cuda_graphs=True)
     assert modules.cuda_graphs is False and modules.session_stats()["graph_replays"] == 0
-
-
-def _hf_greedy(model, pad, history, n):
-    ids = torch.tensor([history], device=model.device)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                         eos_token_id=None, pad_token_id=pad)
-    return out[0, len(history):].tolist()
-
-
-def _fresh_logprobs(model, history, action, temperature):
-    seq = torch.tensor([history + action], device=model.device)
-    with torch.no_grad():
-        logits = model(seq).logits[0, len(history) - 1:-1].float() / temperature
-    return torch.log_softmax(logits, -1).gather(-1, seq[0, len(history):, None]).squeeze(-1).cpu()
 
 
 @pytest.fixture()

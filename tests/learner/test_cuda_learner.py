@@ -7,7 +7,6 @@ Marked ``gpu``: skipped without a CUDA device (CI, the dev box); run on a GPU ma
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -17,15 +16,9 @@ from actors.weights import WeightGroup, pack_buckets, plan_buckets
 from common import metrics as M
 from common.config import load_config
 from common.modeling import load_model, load_tokenizer
-from tests.learner.test_multirank import GROUPS, G, _table
+from tests.learner.test_multirank import GROUPS, G, _free_port, _table
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
