@@ -37,6 +37,7 @@ wall-clock, on the embedded model with the multi-turn workload.
 
     .venv/bin/python tests/benchmarks/bench_rollout.py            # both models (~5 min on 2 cores)
     .venv/bin/python tests/benchmarks/bench_rollout.py --quick    # embedded model only
+    .venv/bin/python tests/benchmarks/bench_rollout.py --sweep 2,3,4,6,8 --repeats 2   # ratio vs turns (~15 min)
     python tests/benchmarks/bench_rollout.py --device cuda        # on a GPU (tests/gpu_checks.sh)
 """
 
@@ -280,6 +281,9 @@ def main() -> None:
     ap.add_argument("--big-cap", type=int, default=16, help="~100M model: max tokens per action")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="also run streaming with decode steps replayed as CUDA graphs (generators.cuda_graphs)")
+    ap.add_argument("--sweep", default="",
+                    help="comma-separated turn counts (e.g. 2,4,6): run each model at each count instead of the "
+                         "default runs (same workloads otherwise); the ratio grows with the turns")
     ap.add_argument("--compare-modules", action="store_true",
                     help="also run the session engine on the transformers modules (lean_forward=False)")
     args = ap.parse_args()
@@ -295,22 +299,19 @@ def main() -> None:
     else:
         small, small_name, small_fixed = build_demo_model(len(tok), seed=0), "warmstart-arch(random)", True
     results = []
+    kw = dict(compare_modules=args.compare_modules, device=args.device, cuda_graphs=args.cuda_graphs)
+    sweep = [int(t) for t in args.sweep.split(",") if t.strip()]
     if not args.big_only:
-        results += [
-            bench(small_name, small, tok, questions=8, group=8, turns=args.turns, cap=48, repeats=args.repeats,
-                  fixed_lengths=small_fixed, compare_modules=args.compare_modules, device=args.device,
-                  cuda_graphs=args.cuda_graphs),
-            bench(small_name, small, tok, questions=8, group=8, turns=2, cap=48, repeats=args.repeats,
-                  fixed_lengths=small_fixed, compare_modules=args.compare_modules, device=args.device,
-                  cuda_graphs=args.cuda_graphs),
-        ]
+        for turns in sweep or [args.turns, 2]:
+            results.append(bench(small_name, small, tok, questions=8, group=8, turns=turns, cap=48,
+                                 repeats=args.repeats, fixed_lengths=small_fixed, **kw))
     if not args.quick:
         big = build_demo_model(len(tok), hidden=768, layers=12, heads=12, kv_heads=2, intermediate=3072,
                                max_positions=2048, seed=0)
-        results.append(bench("qwen2-100M(random)", big, tok, questions=args.big_questions, group=args.big_group,
-                             turns=args.big_turns, cap=args.big_cap, repeats=max(1, args.repeats - 1),
-                             fixed_lengths=True, compare_modules=args.compare_modules, device=args.device,
-                  cuda_graphs=args.cuda_graphs))
+        for turns in sweep or [args.big_turns]:
+            results.append(bench("qwen2-100M(random)", big, tok, questions=args.big_questions, group=args.big_group,
+                                 turns=turns, cap=args.big_cap, repeats=max(1, args.repeats - 1),
+                                 fixed_lengths=True, **kw))
     for r in results:
         print(f"{r['name']:>24} [{r['device']}] params={r['params'] / 1e6:.1f}M episodes={r['episodes']} turns={r['turns']}: "
               f"naive {r['naive_tok_s']} tok/s, session {r['session_tok_s']} tok/s (x{r['ratio_session']}), "

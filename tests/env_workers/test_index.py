@@ -1,4 +1,4 @@
-"""Tests of the BM25 index (env_workers.index)."""
+"""Tests of the BM25 index (env_workers.index), built through env_workers.bm25_build."""
 
 from __future__ import annotations
 
@@ -113,29 +113,12 @@ def _bm25s_reference(table: pa.Table):
     """bm25s's own index over the same documents (the tokens of BM25Index's tokenizer)."""
     import bm25s
 
-    from env_workers.index import _make_stemmer, _tokenize
+    from env_workers.bm25_build import make_stemmer, tokenize_bm25s
 
     texts = [f"{t}\n{x}" for t, x in zip(table.column("title").to_pylist(), table.column("text").to_pylist())]
     ref = bm25s.BM25(k1=1.5, b=0.75, backend="numpy")
-    ref.index(_tokenize(texts, _make_stemmer("english")), show_progress=False)
+    ref.index(tokenize_bm25s(texts, make_stemmer("english")), show_progress=False)
     return ref
-
-
-def test_term_encoder_matches_bm25s_tokenize() -> None:
-    from env_workers.index import TermEncoder, _make_stemmer, _tokenize
-
-    texts = ["Apples and ORCHARDS, running runners!", "", "the of and", "Ünïcödé ÇAFÉ straße İstanbul ﬁnance",
-             "x y 12 ab_cd 3.14 e-mail don't", "Cities' citizens\tcitied\ncity"]
-    stem = _make_stemmer("english")
-    enc = TermEncoder(stem, cache_limit=3)  # a tiny cache: clearing it must not change ids
-    lengths, ids = enc.encode(texts)
-    inv = {v: k for k, v in enc.vocab.items()}
-    expected = _tokenize(texts, stem)
-    got, pos = [], 0
-    for n in lengths.tolist():
-        got.append([inv[i] for i in ids[pos:pos + n].tolist()])
-        pos += n
-    assert got == expected
 
 
 def test_batched_build_scores_equal_bm25s(demo_paths: dict) -> None:
