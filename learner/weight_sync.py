@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 def generator_kwargs(cfg: Config) -> dict[str, Any]:
     """Keyword arguments of ``Generator(model_path, **kwargs)`` from ``generators.*`` and ``model.dtype``.
 
-    ``vllm_kwargs`` go to ``vllm.LLM`` (``gpu_memory_utilization``, the run seed).
+    ``vllm_kwargs`` go to :class:`actors.vllm_engine.VLLMEngine` (``allow_cpu``) and on to ``vllm.LLM``
+    (``gpu_memory_utilization``, the run seed).
     """
     g = cfg.generators
     return {
@@ -43,7 +44,8 @@ def generator_kwargs(cfg: Config) -> dict[str, Any]:
         "kv_budget_tokens": g.kv_budget_tokens, "max_prefill_tokens": g.max_prefill_tokens,
         "keep_kv_across_versions": g.keep_kv_across_versions, "lean_forward": g.lean_forward,
         "cuda_graphs": g.cuda_graphs,
-        "vllm_kwargs": {"gpu_memory_utilization": g.vllm_gpu_memory_utilization, "seed": cfg.run.seed},
+        "vllm_kwargs": {"gpu_memory_utilization": g.vllm_gpu_memory_utilization, "seed": cfg.run.seed,
+                        "allow_cpu": g.vllm_allow_cpu},
     }
 
 
