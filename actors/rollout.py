@@ -106,6 +106,7 @@ class RolloutWorker:
             raise ValueError(f"partial_rollouts={partial_rollouts!r}: use 'finish' or 'abort'")
         self.partial_rollouts, self.max_aborts_per_episode = partial_rollouts, max_aborts_per_episode
         self._aborted = self._aborted_tokens = self._mixed = 0  # counts of the current run
+        self._reused = self._prefilled = 0  # history tokens whose KV the generators reused / prefilled (this run)
         self.pool = GeneratorPool(generators) if session_kv else None
         self.envs = EnvClient(env_workers, restart_wait_s=env_restart_wait_s)  # replays episodes a restarted env worker lost
         self._by_id: dict[str, _Episode] = {}
@@ -150,6 +151,7 @@ class RolloutWorker:
         self._by_id = {str(e.episode_id): e for e in episodes}
         replayed_before = self.envs.replayed
         self._aborted = self._aborted_tokens = self._mixed = 0
+        self._reused = self._prefilled = 0
         self._reset(episodes)
         self._runs += 1
         self._session_prefix = f"{self.run_id}/{self._runs}/{stable_hash(time.time_ns()) & 0xFFFFFFFF:08x}"
@@ -180,6 +182,8 @@ class RolloutWorker:
             "aborted_episodes": self._aborted,  # partial_rollouts: abort -- restarts after a mid-episode push
             "aborted_action_tokens": self._aborted_tokens,  # sampled tokens those restarts threw away
             "mixed_version_episodes": self._mixed,  # episodes whose turns came from more than one version
+            "reused_tokens": self._reused,  # history tokens of kept turns whose KV the generator reused
+            "prefilled_tokens": self._prefilled,  # history tokens of kept turns it prefilled
         }
 
     # -- phases --------------------------------------------------------------------
@@ -261,6 +265,8 @@ class RolloutWorker:
         ``partial_rollouts: abort`` holds an episode's rows until its last turn, then sends them all.
         """
         eos = self.tokenizer.eos_token_id
+        self._reused += int(getattr(out, "cached_tokens", 0) or 0)
+        self._prefilled += int(getattr(out, "prefill_tokens", 0) or 0)
         info = res.info or {}
         out_of_budget = len(e.tokens) + len(out.token_ids) >= self.max_tokens_per_episode
         done = bool(res.done) or out_of_budget

@@ -35,6 +35,7 @@ ROLLOUT_IN_FLIGHT = "rollout/in_flight/groups"  # async mode
 ROLLOUT_FAILED_CALLS = "rollout/failed_calls/total"  # async mode
 ROLLOUT_ABORTED_EPISODES = "rollout/aborted_episodes/count"  # rollout.partial_rollouts: abort
 ROLLOUT_MIXED_VERSION_EPISODES = "rollout/mixed_version_episodes/count"
+ROLLOUT_KV_REUSE = "rollout/kv_reuse/fraction"  # history tokens served from the generators' KV caches / all history tokens
 # --- advantages ----------------------------------------------------------------
 ADV_TURN_MEAN = "train/advantage/turn{k}/mean"  # format with k = turn index
 ADV_TURN_STD = "train/advantage/turn{k}/std"
@@ -115,6 +116,7 @@ METRICS: dict[str, str] = {
     ROLLOUT_FAILED_CALLS: "Rollout-worker calls lost to a crash; their groups were aborted and sampled again (async mode)",
     ROLLOUT_ABORTED_EPISODES: "Episode attempts of the step thrown away because a weight push landed mid-episode (partial_rollouts: abort)",
     ROLLOUT_MIXED_VERSION_EPISODES: "Episodes of the step whose turns came from more than one policy version",
+    ROLLOUT_KV_REUSE: "Share of the turns' history tokens whose KV a generator reused instead of prefilling",
     LOSS: "Policy loss of the last step",
     KL: "Approximate KL between behaviour and current policy",
     CLIP_FRAC: "Fraction of action tokens whose ratio was clipped",

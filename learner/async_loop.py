@@ -57,7 +57,8 @@ def merge_rollouts(results: list[dict[str, Any]]) -> dict[str, Any]:
             "action_tokens": sum(r["action_tokens"] for r in results),
             "seconds": sum(r["seconds"] for r in results),
             **{k: sum(r.get(k, 0) for r in results)
-               for k in ("aborted_episodes", "aborted_action_tokens", "mixed_version_episodes")}}
+               for k in ("aborted_episodes", "aborted_action_tokens", "mixed_version_episodes", "reused_tokens",
+                         "prefilled_tokens")}}
 
 
 @dataclass

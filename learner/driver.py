@@ -238,6 +238,8 @@ def rollout_metrics(result: dict[str, Any]) -> dict[str, float]:
         M.TIME_ROLLOUT: result["seconds"],
         M.ROLLOUT_ABORTED_EPISODES: float(result.get("aborted_episodes", 0)),
         M.ROLLOUT_MIXED_VERSION_EPISODES: float(result.get("mixed_version_episodes", 0)),
+        M.ROLLOUT_KV_REUSE: result.get("reused_tokens", 0) / max(1, result.get("reused_tokens", 0)
+                                                                 + result.get("prefilled_tokens", 0)),
     }
 
 

@@ -89,11 +89,13 @@ ROWS: list[tuple[str, list[Panel]]] = [
     ]),
     ("Throughput and pipeline", [
         Panel("Tokens/s",
-              "Action tokens generated per second during the rollout phase, and episodes consumed by the "
-              "learner per second.",
+              "Action tokens generated per second during the rollout phase, episodes consumed by the "
+              "learner per second, and the share of each turn's history whose KV the generators reused "
+              "instead of prefilling (session KV or vLLM prefix caching).",
               [turnrl(M.TOKENS_PER_S, "action tokens/s"),
-               (f"rate({series(M.EPISODES_TOTAL)}[$__rate_interval])", "{{run}} episodes/s")],
-              right_axis=["episodes/s"]),
+               (f"rate({series(M.EPISODES_TOTAL)}[$__rate_interval])", "{{run}} episodes/s"),
+               turnrl(M.ROLLOUT_KV_REUSE, "KV reuse fraction")],
+              right_axis=["episodes/s", "KV reuse fraction"]),
         Panel("Step phase times",
               "Seconds per step in each phase of the loop: rollout (generation + environment), advantages, "
               "DeepSpeed update, weight push, and the whole step.",
