@@ -22,5 +22,6 @@ if [ ! -f "$V/.installed" ]; then
   touch "$V/.installed"
 fi
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"  # GiB of KV cache for the CPU engine
+export VLLM_CONFIGURE_LOGGING="${VLLM_CONFIGURE_LOGGING:-0}"  # its own handlers would outlive pytest's captured streams
 export TOKENIZERS_PARALLELISM=false DS_ACCELERATOR=cpu PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # Ray workers import the project
 "$V/bin/python" -m pytest -q -p no:cacheprovider tests/actors/test_vllm_engine.py -rs "$@"
