@@ -265,8 +265,8 @@ class RolloutWorker:
         ``partial_rollouts: abort`` holds an episode's rows until its last turn, then sends them all.
         """
         eos = self.tokenizer.eos_token_id
-        self._reused += int(getattr(out, "cached_tokens", 0) or 0)
-        self._prefilled += int(getattr(out, "prefill_tokens", 0) or 0)
+        self._reused += out.cached_tokens
+        self._prefilled += out.prefill_tokens
         info = res.info or {}
         out_of_budget = len(e.tokens) + len(out.token_ids) >= self.max_tokens_per_episode
         done = bool(res.done) or out_of_budget

@@ -35,7 +35,7 @@ from typing import Iterable
 import torch
 
 from actors.engine import GenerationOutput, Request, SamplingParams, stable_seed
-from actors.weights import PackedBucket, TensorSpec, plan_buckets
+from actors.weights import PackedBucket, TensorSpec, fill_buffer, plan_buckets
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +75,10 @@ def _specs_from_wire(rows: list[list]) -> list[TensorSpec]:
 
 def bucket_to_wire(state: "PackedBucket | dict[str, torch.Tensor]") -> dict:
     """A bucket (or a state-dict slice) as msgpack-safe values: ``{"specs", "nbytes", "data": bytes}``."""
-    import numpy as np
-
     tensors = state.tensors() if isinstance(state, PackedBucket) else state
     (plan,) = plan_buckets(tensors, bucket_bytes=1 << 62) or [PackedBucket([], 0)]
-    buf = np.zeros(plan.nbytes, dtype=np.uint8)
-    for spec in plan.specs:
-        t = tensors[spec.name].detach().to("cpu").contiguous()
-        buf[spec.offset:spec.offset + spec.nbytes] = t.view(-1).view(torch.uint8).numpy()
-    return {"specs": _specs_to_wire(plan.specs), "nbytes": plan.nbytes, "data": buf.tobytes()}
+    buf = fill_buffer(torch.zeros(plan.nbytes, dtype=torch.uint8), plan, tensors)
+    return {"specs": _specs_to_wire(plan.specs), "nbytes": plan.nbytes, "data": buf.numpy().tobytes()}
 
 
 def bucket_from_wire(wire: dict) -> dict[str, torch.Tensor]:

@@ -102,6 +102,14 @@ def plan_buckets(state: dict[str, torch.Tensor], bucket_bytes: int) -> list[Pack
     return [p for p in plans if p.specs]
 
 
+def fill_buffer(buf: torch.Tensor, plan: PackedBucket, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Copy the tensors of ``plan`` from ``state`` into the flat uint8 ``buf`` at their offsets; return ``buf``."""
+    for s in plan.specs:
+        t = state[s.name].detach().to(buf.device)
+        buf[s.offset:s.offset + s.nbytes].copy_(t.contiguous().view(-1).view(torch.uint8))
+    return buf
+
+
 def _as_bytes(t: torch.Tensor) -> np.ndarray:
     """A uint8 numpy view of a tensor's memory (a copy only if it is not a contiguous CPU tensor)."""
     t = t.detach()
@@ -183,11 +191,7 @@ class WeightGroup:
         """Rank 0: broadcast ``state`` bucket by bucket; return the plan (give it to the receivers first)."""
         plans = plan_buckets(state, bucket_bytes)
         for plan in plans:
-            buf = torch.empty(plan.nbytes, dtype=torch.uint8, device=self.device)
-            for s in plan.specs:
-                t = state[s.name].detach().to(self.device)
-                buf[s.offset:s.offset + s.nbytes].copy_(t.contiguous().view(-1).view(torch.uint8))
-            self._broadcast(buf)
+            self._broadcast(fill_buffer(torch.empty(plan.nbytes, dtype=torch.uint8, device=self.device), plan, state))
         return plans
 
     def recv(self, plans: list[PackedBucket]) -> list[PackedBucket]:

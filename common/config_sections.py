@@ -151,10 +151,10 @@ class GeneratorsConfig:
                 _fail(f"{p}.backend", self.backend, "needs the optional extra `pip install turnrl[vllm]` and a GPU")
             import torch
 
-            if not torch.cuda.is_available() and not self.vllm_allow_cpu:
-                _fail(f"{p}.backend", self.backend, "needs a CUDA GPU; none is visible (a CPU build of vLLM serves "
-                      f"with {p}.vllm_allow_cpu: true)")
             if not torch.cuda.is_available():
+                if not self.vllm_allow_cpu:
+                    _fail(f"{p}.backend", self.backend, "needs a CUDA GPU; none is visible (a CPU build of vLLM "
+                          f"serves with {p}.vllm_allow_cpu: true)")
                 from vllm.platforms import current_platform
 
                 if not current_platform.is_cpu():

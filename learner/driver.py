@@ -225,6 +225,7 @@ def rollout_metrics(result: dict[str, Any]) -> dict[str, float]:
     n = max(1, len(eps))
     s = summarize_episodes(eps)
     calls = sum(e.get("tool_calls", 0) for e in eps)
+    reused = result.get("reused_tokens", 0)
     return {
         M.REWARD_TURN: sum(e.get("turn_reward", 0.0) for e in eps) / n,
         M.REWARD_OUTCOME: sum(e.get("outcome_reward", 0.0) for e in eps) / n,
@@ -238,8 +239,7 @@ def rollout_metrics(result: dict[str, Any]) -> dict[str, float]:
         M.TIME_ROLLOUT: result["seconds"],
         M.ROLLOUT_ABORTED_EPISODES: float(result.get("aborted_episodes", 0)),
         M.ROLLOUT_MIXED_VERSION_EPISODES: float(result.get("mixed_version_episodes", 0)),
-        M.ROLLOUT_KV_REUSE: result.get("reused_tokens", 0) / max(1, result.get("reused_tokens", 0)
-                                                                 + result.get("prefilled_tokens", 0)),
+        M.ROLLOUT_KV_REUSE: reused / max(1, reused + result.get("prefilled_tokens", 0)),
     }
 
 

@@ -22,19 +22,10 @@ from learner.credit import (
     mt_grpo_k,
 )
 from learner.credit_ops import group_normalize
+from tests.learner.helpers import F64, close, t
 
-F64 = torch.float64
 S3 = math.sqrt(3.0)
 S2 = math.sqrt(2.0)
-
-
-def t(x, dtype=F64) -> torch.Tensor:
-    return torch.tensor(x, dtype=dtype)
-
-
-def close(a: torch.Tensor, b, atol: float = 1e-12) -> None:
-    b = b if isinstance(b, torch.Tensor) else t(b)
-    torch.testing.assert_close(a, b.to(a.dtype), atol=atol, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,18 +11,9 @@ import pytest
 import torch
 
 from learner.credit_ops import broadcast_to_tokens, group_normalize
+from tests.learner.helpers import F64, close, t
 
-F64 = torch.float64
 S2 = math.sqrt(2.0)
-
-
-def t(x, dtype=F64) -> torch.Tensor:
-    return torch.tensor(x, dtype=dtype)
-
-
-def close(a: torch.Tensor, b, atol: float = 1e-12) -> None:
-    b = b if isinstance(b, torch.Tensor) else t(b)
-    torch.testing.assert_close(a, b.to(a.dtype), atol=atol, rtol=0)
 
 
 def test_group_normalize_hand_case() -> None:

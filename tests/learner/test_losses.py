@@ -18,18 +18,9 @@ from learner.losses import (
     ppo_clip_loss,
     token_logprobs,
 )
+from tests.learner.helpers import F64, close, t
 
-F64 = torch.float64
 LN2 = math.log(2.0)
-
-
-def t(x, dtype=F64) -> torch.Tensor:
-    return torch.tensor(x, dtype=dtype)
-
-
-def close(a: torch.Tensor, b, atol: float = 1e-12) -> None:
-    b = b if isinstance(b, torch.Tensor) else t(b)
-    torch.testing.assert_close(a, b.to(a.dtype), atol=atol, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
