@@ -99,7 +99,9 @@ def test_many_producers_and_consumers_with_random_pauses(workers, tmp_path: Path
     clock, (w0, w1) = workers
     ray.get(clock.reset.remote())
     queue = ray.remote(ReplayQueue).options(num_cpus=0).remote(
-        12, max_policy_lag, memory_bytes=3000, spill_dir=str(tmp_path))  # small: producers block, groups spill
+        12, max_policy_lag, memory_bytes=150, spill_dir=str(tmp_path))
+    # 12 rows: producers block. 150 bytes is under one row (~190 B), so the first stored row already spills:
+    # the spill path is exercised whatever the schedule (a larger budget spilled only on some schedules).
     # three producers and two consumers, each a thread calling the queue actor through Ray
     sent_refs = [w.produce.remote(queue, clock, i, 6, seed=100 * max_policy_lag + i)
                  for i, w in enumerate([w0, w1, w0])]
