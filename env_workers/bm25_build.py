@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from bm25s.tokenization import _infer_stopwords
 
-from env_workers.corpus import CORPUS_COLUMNS, PARQUET_SUFFIXES, load_corpus, validate_corpus
+from env_workers.corpus import CORPUS_COLUMNS, PARQUET_SUFFIXES, load_corpus, open_parquet, validate_corpus
 
 logger = logging.getLogger(__name__)
 
@@ -268,16 +268,7 @@ def iter_corpus_batches(path: str | Path, batch_size: int = DEFAULT_BATCH_SIZE) 
     if p.suffix.lower() in PARQUET_SUFFIXES:
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no such file")
-        try:
-            pf = pq.ParquetFile(p)
-        except pa.ArrowException as exc:
-            raise ValueError(f"{p}: could not read as parquet ({exc})") from exc
-        missing = [c for c in CORPUS_COLUMNS if c not in pf.schema_arrow.names]
-        if missing:
-            raise ValueError(
-                f"{p}: corpus is missing column(s) {missing}; expected columns {list(CORPUS_COLUMNS)}, "
-                f"found {pf.schema_arrow.names}"
-            )
+        pf = open_parquet(p, CORPUS_COLUMNS, what="corpus is ")
         if pf.metadata.num_rows == 0:
             raise ValueError(f"{p}: corpus is empty; expected rows with columns {list(CORPUS_COLUMNS)}")
         for batch in pf.iter_batches(batch_size=batch_size, columns=list(CORPUS_COLUMNS)):

@@ -11,7 +11,7 @@ import html
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -33,6 +33,22 @@ def _check_suffix(p: Path) -> str:
             f"{p}: unknown file type {suffix!r}; expected one of {PARQUET_SUFFIXES + JSONL_SUFFIXES}"
         )
     return suffix
+
+
+def open_parquet(p: Path, columns: Sequence[str], what: str = "") -> pq.ParquetFile:
+    """Open ``p`` for streaming and check it holds ``columns``; ``ValueError`` naming the file otherwise.
+
+    ``what`` prefixes the missing-columns message (e.g. ``"corpus is "``).
+    """
+    try:
+        pf = pq.ParquetFile(p)
+    except pa.ArrowException as exc:
+        raise ValueError(f"{p}: could not read as parquet ({exc})") from exc
+    missing = [c for c in columns if c not in pf.schema_arrow.names]
+    if missing:
+        raise ValueError(f"{p}: {what}missing column(s) {missing}; expected columns {list(columns)}, "
+                         f"found {pf.schema_arrow.names}")
+    return pf
 
 
 def read_json_records(path: str | Path) -> list[dict[str, Any]]:

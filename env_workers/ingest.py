@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from env_workers.corpus import CORPUS_COLUMNS, JSONL_SUFFIXES, PARQUET_SUFFIXES, parse_jsonl_line
+from env_workers.corpus import CORPUS_COLUMNS, JSONL_SUFFIXES, PARQUET_SUFFIXES, open_parquet, parse_jsonl_line
 
 logger = logging.getLogger(__name__)
 
@@ -191,13 +191,7 @@ def _iter_json_records(p: Path, batch_size: int) -> Iterator[list[dict[str, Any]
 
 
 def _iter_parquet_columns(p: Path, columns: list[str], batch_size: int) -> Iterator[dict[str, list[Any]]]:
-    try:
-        pf = pq.ParquetFile(p)
-    except pa.ArrowException as exc:
-        raise ValueError(f"{p}: could not read as parquet ({exc})") from exc
-    missing = [c for c in columns if c not in pf.schema_arrow.names]
-    if missing:
-        raise ValueError(f"{p}: missing column(s) {missing}; expected {columns}, found {pf.schema_arrow.names}")
+    pf = open_parquet(p, columns)
     for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
         yield {c: batch.column(c).to_pylist() for c in columns}
 
