@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``Qwen2RMSNorm`` / ``LlamaRMSNorm``: w * (x / sqrt(mean(x^2) + eps)), computed in float32."""
     dtype = x.dtype
     x = x.to(torch.float32)
@@ -40,12 +40,12 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * x.to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class _Layer:
+class LayerWeights:
     __slots__ = ("q", "qb", "k", "kb", "v", "vb", "o", "ob", "ln1", "eps1", "ln2", "eps2", "gate", "gb", "up", "ub",
                  "down", "db", "act")
 
@@ -61,6 +61,23 @@ class _Layer:
         self.up, self.ub = m.up_proj.weight, m.up_proj.bias
         self.down, self.db = m.down_proj.weight, m.down_proj.bias
         self.act = m.act_fn
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the lean functions of this module cannot mirror ``model`` (None: they can)."""
+    cfg = model.config.get_text_config(decoder=True)
+    if getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return f"model_type {getattr(cfg, 'model_type', None)!r}"
+    if (getattr(cfg, "_attn_implementation", None) or "sdpa") != "sdpa":
+        return f"attention implementation {cfg._attn_implementation!r}"
+    if set(getattr(cfg, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
+        return "sliding-window layers"
+    base = getattr(model, "model", None)
+    layer = base.layers[0] if base is not None and len(base.layers) else None
+    attn = getattr(layer, "self_attn", None)
+    if attn is None or hasattr(attn, "q_norm") or not hasattr(getattr(layer, "mlp", None), "gate_proj"):
+        return "an unexpected module layout"
+    return None
 
 
 class LeanForward:
@@ -80,25 +97,12 @@ class LeanForward:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.groups = self.heads // self.kv_heads
         self.scaling = base.layers[0].self_attn.scaling
-        self.layers = [_Layer(layer) for layer in base.layers[: cfg.num_hidden_layers]]
+        self.layers = [LayerWeights(layer) for layer in base.layers[: cfg.num_hidden_layers]]
 
     @classmethod
     def build(cls, model, slots: KVSlots) -> "LeanForward | None":
         """A lean forward for ``model`` if its architecture is one this module mirrors, else ``None``."""
-        cfg = model.config.get_text_config(decoder=True)
-        reason = None
-        if getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-            reason = f"model_type {getattr(cfg, 'model_type', None)!r}"
-        elif (getattr(cfg, "_attn_implementation", None) or "sdpa") != "sdpa":
-            reason = f"attention implementation {cfg._attn_implementation!r}"
-        elif set(getattr(cfg, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
-            reason = "sliding-window layers"
-        else:
-            base = getattr(model, "model", None)
-            layer = base.layers[0] if base is not None and len(base.layers) else None
-            attn = getattr(layer, "self_attn", None)
-            if attn is None or hasattr(attn, "q_norm") or not hasattr(getattr(layer, "mlp", None), "gate_proj"):
-                reason = "an unexpected module layout"
+        reason = unsupported_reason(model)
         if reason is not None:
             log.info("lean forward off (%s): using the transformers modules", reason)
             return None
@@ -118,12 +122,12 @@ class LeanForward:
         mask = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(~mask, float("-inf"))
         for i, L in enumerate(self.layers):
             residual = h
-            x = _rms_norm(h, L.ln1, L.eps1)
+            x = rms_norm(h, L.ln1, L.eps1)
             qs = F.linear(x, L.q, L.qb).view(b, q, -1, hd).transpose(1, 2)  # [B, heads, Q, hd]
             ks = F.linear(x, L.k, L.kb).view(b, q, -1, hd).transpose(1, 2)  # [B, kvh, Q, hd]
             vs = F.linear(x, L.v, L.vb).view(b, q, -1, hd).transpose(1, 2)
-            qs = (qs * cos) + (_rotate_half(qs) * sin)
-            ks = (ks * cos) + (_rotate_half(ks) * sin)
+            qs = (qs * cos) + (rotate_half(qs) * sin)
+            ks = (ks * cos) + (rotate_half(ks) * sin)
             k_slab = self.slots.keys[i][lo:hi]  # [B, kvh, W, hd]
             v_slab = self.slots.values[i][lo:hi]
             k_slab[rows, :, qpos] = ks.permute(0, 2, 1, 3).to(k_slab.dtype)
@@ -140,7 +144,7 @@ class LeanForward:
             out = out.reshape(b, -1, q, hd).transpose(1, 2).contiguous()  # [B, Q, heads, hd]
             h = residual + F.linear(out.reshape(b, q, -1).contiguous(), L.o, L.ob)
             residual = h
-            x = _rms_norm(h, L.ln2, L.eps2)
+            x = rms_norm(h, L.ln2, L.eps2)
             h = residual + F.linear(L.act(F.linear(x, L.gate, L.gb)) * F.linear(x, L.up, L.ub), L.down, L.db)
-        h = _rms_norm(h[:, -1:], self.norm, self.norm_eps)
+        h = rms_norm(h[:, -1:], self.norm, self.norm_eps)
         return F.linear(h, self.head, self.head_bias)[:, -1, :]

@@ -189,6 +189,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             _fail(path, value, "must be an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot in the mantissa) as a string
+            try:
+                value = float(value.strip().replace("_", ""))
+            except ValueError:
+                _fail(path, value, "must be a number")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(path, value, "must be a number")
         if not math.isfinite(value):

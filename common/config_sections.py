@@ -270,6 +270,7 @@ class AlgorithmConfig:
     ppo_epochs: int = 1  # optimisation passes over each batch (paper: 2)
     clip_low: float = 0.2  # PPO ratio lower clip (1 - clip_low)
     clip_high: float = 0.2  # PPO ratio upper clip (1 + clip_high)
+    clip_ratio_c: float | None = 3.0  # dual clip: a negative-advantage token's loss is capped at c*|A| (stale rows; null: off); > 1
     loss_agg: str = "token-mean"  # loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
     kl_coef: float = 0.0  # KL-to-reference weight (0: no reference model)
     kl_kind: str = "k3"  # KL estimator: k1 | k3
@@ -294,6 +295,8 @@ class AlgorithmConfig:
             _fail(f"{p}.kl_kind", self.kl_kind, "must be 'k1' or 'k3'")
         if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
             _fail(f"{p}.clip_low", self.clip_low, "clip_low must be in [0, 1) and clip_high >= 0")
+        if self.clip_ratio_c is not None and not self.clip_ratio_c > 1:
+            _fail(f"{p}.clip_ratio_c", self.clip_ratio_c, "must be > 1 (the dual clip caps the loss at c*|A|), or null")
 
 
 @dataclass
@@ -314,6 +317,7 @@ class LearnerConfig:
     bucket_mb: int = 64  # weight-push bucket size in MiB
     weight_sync: str = "auto"  # how weights reach the generators: object_store (Ray, any hardware) | broadcast (torch.distributed from rank 0: NCCL when learner and generators have GPUs, else gloo) | auto (broadcast on GPUs, object_store otherwise)
     recompute_old_logprobs: bool = False  # recompute behaviour log-probs in the learner (else use the generator's)
+    prefix_sharing: bool = True  # forward each distinct prefix of a micro-batch once (prompts shared by a group, repeated turns): exact, Qwen2/Llama policies, zero_stage <= 2; false: one padded row per episode
     cpu_shm_allreduce: bool = False  # CPU only: build DeepSpeed's shared-memory all-reduce op (a 35-60 s C++ JIT compile on first use); off = plain gloo collectives
 
     def validate(self, p: str) -> None:
@@ -338,6 +342,9 @@ class LearnerConfig:
         _check_actor_resources(p, self.num_cpus, self.num_gpus, 0, self.torch_threads)
         if self.weight_sync not in ("auto", "object_store", "broadcast"):
             _fail(f"{p}.weight_sync", self.weight_sync, "must be auto, object_store or broadcast")
+        if self.prefix_sharing and self.zero_stage == 3:
+            _fail(f"{p}.prefix_sharing", self.prefix_sharing, "needs learner.zero_stage <= 2 (ZeRO-3 gathers partitioned "
+                  "parameters in the modules' forward hooks, which the shared-prefix forward does not run); set false")
 
 
 @dataclass

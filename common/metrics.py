@@ -43,6 +43,9 @@ ADV_TURN_STD = "train/advantage/turn{k}/std"
 LOSS = "train/loss"
 KL = "train/kl"
 CLIP_FRAC = "train/clip_frac"
+CLIP_FRAC_DUAL = "train/clip_frac_dual"  # tokens capped by the dual clip (algorithm.clip_ratio_c)
+KL_K3 = "train/kl_k3"  # (rho - 1) - log rho, CleanRL's non-negative approx_kl
+RATIO_MAX = "train/ratio_max"  # largest PPO ratio of the step (after the log-ratio clamp)
 ENTROPY = "train/entropy"
 GRAD_NORM = "train/grad_norm"
 LR = "train/lr"
@@ -82,6 +85,8 @@ TIME_UPDATE = "perf/time/update_s"
 TIME_SYNC = "perf/time/weight_push_s"
 TIME_STEP = "perf/time/step_s"
 TIME_BATCH_WAIT = "perf/time/batch_wait_s"
+LEARNER_TOKENS = "perf/learner/tokens"  # token positions the learner's forwards ran over (padding included)
+LEARNER_UNIQUE_TOKENS = "perf/learner/unique_tokens"  # distinct (prefix, token) nodes of the batch: the least any forward needs
 # --- actors (fault tolerance) ---------------------------------------------------------
 ACTOR_RESTARTS = "actors/restarts/total"
 ACTOR_RESTARTS_ROLE = "actors/restarts/{role}"  # format with role in ACTOR_ROLES
@@ -120,6 +125,9 @@ METRICS: dict[str, str] = {
     LOSS: "Policy loss of the last step",
     KL: "Approximate KL between behaviour and current policy",
     CLIP_FRAC: "Fraction of action tokens whose ratio was clipped",
+    CLIP_FRAC_DUAL: "Fraction of action tokens with negative advantage whose loss the dual clip capped",
+    KL_K3: "Approximate KL between behaviour and current policy, k3 form (ratio - 1) - log ratio",
+    RATIO_MAX: "Largest importance ratio current/behaviour policy over the step's action tokens",
     ENTROPY: "Mean token entropy of the policy",
     GRAD_NORM: "Global gradient norm before clipping",
     LR: "Learning rate",
@@ -157,6 +165,8 @@ METRICS: dict[str, str] = {
     TIME_SYNC: "Seconds spent pushing weights to the generators",
     TIME_STEP: "Seconds per training step",
     TIME_BATCH_WAIT: "Seconds the learner waited this step for a batch of complete groups",
+    LEARNER_TOKENS: "Token positions the learner's forward passes ran over in the step, padding included (per epoch)",
+    LEARNER_UNIQUE_TOKENS: "Distinct (prefix, token) positions of the step's batch: the work a forward cannot avoid",
 }
 METRICS[ACTOR_RESTARTS] = "Ray restarts of this run's actors so far (all roles)"
 METRICS.update({

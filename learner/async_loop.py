@@ -89,8 +89,7 @@ class AsyncLoop:
         self.restart_wait_s = restart_wait_s
         self.calls: list[_Call] = []
         self.untrained: set[int] = set()  # ids of groups handed out and not trained (or aborted) yet
-        self.finished: list[dict[str, Any]] = []  # results of calls not yet reported
-        self.last_rollout: dict[str, float] = {}
+        self.finished: list[dict[str, Any]] = []  # results of calls finished since the last step's report
         self.failed_calls = 0
         self.aborted_episodes = 0  # episode attempts restarted after a mid-episode push (partial_rollouts: abort)
         self.trained_lags: list[int] = []  # lag of each trained batch, from its rows
@@ -135,15 +134,12 @@ class AsyncLoop:
         self.calls.append(_Call(ref, list(range(first, first + len(questions))), questions))
         self.untrained.update(self.calls[-1].group_ids)
 
-    def collect(self, wait_oldest: bool = False) -> None:
+    def collect(self) -> None:
         """Gather finished rollout calls; a call that failed (its worker died) is aborted and resubmitted."""
         if not self.calls:
             return
         refs = [c.ref for c in self.calls]
         done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-        if wait_oldest and refs[0] not in done:
-            ray.wait(refs[:1])
-            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         done = set(done)
         for call in [c for c in self.calls if c.ref in done]:
             self.calls.remove(call)
@@ -194,8 +190,15 @@ class AsyncLoop:
                                    f"{ {k: v for k, v in stats.items() if 'depth' in k or 'dropped' in k} }")
 
     def step(self, step: int) -> dict[str, float]:
-        """One learner step on the oldest complete groups, then a weight push; generation keeps running."""
-        from learner.driver import rollout_metrics
+        """One learner step on the oldest complete groups, then a weight push; generation keeps running.
+
+        The step's ``rollout/*`` reward and task metrics are those of the episodes it trained on (from
+        the batch's rows, as in synchronous mode). The generation metrics (``perf/tokens_per_s``,
+        ``perf/time/rollout_s``, aborted / mixed-version episodes, KV reuse) are those of the rollout
+        calls that finished since the previous step, and absent from a step during which none did: a
+        step never repeats an earlier step's figures.
+        """
+        from learner.driver import generation_metrics
 
         t = self.trainer
         table, waited = self.next_batch()
@@ -204,12 +207,11 @@ class AsyncLoop:
         self.untrained.difference_update(table.column(S.GROUP_ID).to_pylist())
         stats = t.train_on(table)
         stats[M.TIME_SYNC] = t.sync_phase() if step % t.cfg.learner.push_every == 0 else 0.0
-        self.collect(wait_oldest=not self.last_rollout and not self.finished)
+        self.collect()
         self.top_up()  # the learner used a step's worth: generation may run ahead again
-        if self.finished or not self.last_rollout:
-            self.last_rollout = rollout_metrics(merge_rollouts(self.finished))
+        if self.finished:
+            stats.update(generation_metrics(merge_rollouts(self.finished)))
             self.finished = []
-        stats.update(self.last_rollout)
         stats[M.TIME_BATCH_WAIT] = waited
         stats[M.ROLLOUT_IN_FLIGHT] = self.in_flight()
         stats[M.ROLLOUT_FAILED_CALLS] = self.failed_calls

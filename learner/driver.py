@@ -31,7 +31,7 @@ from learner.checkpoint import (Checkpointer, check_compatible, find_resume_chec
 from learner.cluster import Placement, PrometheusTargets, RestartCounter
 from learner.faults import EpisodeAudit, crash_summary, inject, rollout_with_retries, stale_episodes
 from learner.weight_sync import generator_kwargs, make_weight_sync, rollout_kwargs
-from learner.evaluation import format_table, plot_learning_curves, summarize_episodes
+from learner.evaluation import episode_summaries, format_table, plot_learning_curves, summarize_episodes
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +188,10 @@ class Trainer:
         table_ref = ray.put(table)  # one copy in the object store for every rank
         per_rank = ray.get([lw.train_step.remote(table_ref) for lw in self.learners])
         self.audit.train(table.column(S.EPISODE_ID).to_pylist())
-        stats = {k: sum(r[k] for r in per_rank) / len(per_rank) for k in per_rank[0]}  # ranks see different shards
+        summed = (M.LEARNER_TOKENS, M.LEARNER_UNIQUE_TOKENS)  # work counts add up over the ranks' shards
+        stats = {k: sum(r[k] for r in per_rank) / (1 if k in summed else len(per_rank)) for k in per_rank[0]}
         self.version = int(stats[M.POLICY_VERSION])
+        stats.update(episode_metrics(episode_summaries(table)))  # rollout/* of exactly the episodes trained on
         return stats
 
     def sync_phase(self) -> float:
@@ -220,21 +222,27 @@ class Trainer:
         self.placement.remove()
 
 
-def rollout_metrics(result: dict[str, Any]) -> dict[str, float]:
-    eps = result["episodes"]
-    n = max(1, len(eps))
-    s = summarize_episodes(eps)
-    calls = sum(e.get("tool_calls", 0) for e in eps)
-    reused = result.get("reused_tokens", 0)
+def episode_metrics(episodes: list[dict[str, Any]]) -> dict[str, float]:
+    """Reward and task metrics (``rollout/*``) of episode summaries: those of the batch a step trained on."""
+    n = max(1, len(episodes))
+    s = summarize_episodes(episodes)
+    calls = sum(e.get("tool_calls", 0) for e in episodes)
     return {
-        M.REWARD_TURN: sum(e.get("turn_reward", 0.0) for e in eps) / n,
-        M.REWARD_OUTCOME: sum(e.get("outcome_reward", 0.0) for e in eps) / n,
-        M.REWARD_TOTAL: sum(e.get("turn_reward", 0.0) + e.get("outcome_reward", 0.0) for e in eps) / n,
-        M.TOOL_SUCCESS: sum(e.get("tool_successes", 0) for e in eps) / max(1, calls),
-        M.TOOL_CALLED: sum(1.0 for e in eps if e.get("tool_calls", 0) > 0) / n,
+        M.REWARD_TURN: sum(e.get("turn_reward", 0.0) for e in episodes) / n,
+        M.REWARD_OUTCOME: sum(e.get("outcome_reward", 0.0) for e in episodes) / n,
+        M.REWARD_TOTAL: sum(e.get("turn_reward", 0.0) + e.get("outcome_reward", 0.0) for e in episodes) / n,
+        M.TOOL_SUCCESS: sum(e.get("tool_successes", 0) for e in episodes) / max(1, calls),
+        M.TOOL_CALLED: sum(1.0 for e in episodes if e.get("tool_calls", 0) > 0) / n,
         M.ANSWER_IN_RESULT: s["answer_in_result"], M.EXACT_MATCH: s["exact_match"], M.FORMAT_SCORE: s["format"],
         M.TRUNCATED: s["truncated"], M.TURNS_MEAN: s["turns"],
-        M.ACTION_TOKENS_MEAN: sum(e.get("action_tokens", 0) for e in eps) / n,
+        M.ACTION_TOKENS_MEAN: sum(e.get("action_tokens", 0) for e in episodes) / n,
+    }
+
+
+def generation_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """Throughput metrics of ``RolloutWorker.run`` results (one, or several merged by ``merge_rollouts``)."""
+    reused = result.get("reused_tokens", 0)
+    return {
         M.TOKENS_PER_S: result["action_tokens"] / max(result["seconds"], 1e-9),
         M.TIME_ROLLOUT: result["seconds"],
         M.ROLLOUT_ABORTED_EPISODES: float(result.get("aborted_episodes", 0)),
@@ -306,7 +314,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
             else:
                 questions = trainer.sampler.next(a.prompts_per_step)
                 rollout = trainer.rollout_phase(questions, step)
-                stats = rollout_metrics(rollout)
+                stats = generation_metrics(rollout)
                 stats.update(trainer.update_phase(a.prompts_per_step))
                 stats[M.TIME_SYNC] = trainer.sync_phase() if step % cfg.learner.push_every == 0 else 0.0
             stats.update(ray.get(trainer.queue.stats.remote()))

@@ -12,6 +12,42 @@ log = logging.getLogger(__name__)
 EVAL_KEYS = ("exact_match", "tool_success", "answer_in_result", "format", "turns", "truncated")
 
 
+def episode_summaries(table) -> list[dict[str, Any]]:
+    """Per-episode summaries (the keys :func:`summarize_episodes` reads) of the complete episodes in an
+    Arrow table of transitions, e.g. the batch a learner step trained on; ordered by episode id.
+
+    The same fields as the rollout worker's own summaries: turn and outcome rewards, tool calls and
+    successes, whether some search result held an answer, exact match and format (outcome components
+    of the last turn), truncation, turns and action tokens.
+    """
+    import pyarrow.compute as pc
+
+    from common import schema as S
+
+    names = (S.EPISODE_ID, S.GROUP_ID, S.TURN_INDEX, S.TURN_REWARD, S.OUTCOME_REWARD, S.OUTCOME_REWARD_COMPONENTS,
+             S.IS_LAST_TURN, S.TRUNCATED, S.TOOL_CALLED, S.TOOL_SUCCESS, S.RESULT_CONTAINS_ANSWER)
+    cols = {n: table.column(n).to_pylist() for n in names}
+    n_actions = pc.list_value_length(table.column(S.ACTION_TOKEN_IDS)).to_pylist()
+    out: dict[int, dict[str, Any]] = {}
+    for i, eid in enumerate(cols[S.EPISODE_ID]):
+        s = out.setdefault(eid, {"episode_id": eid, "group_id": cols[S.GROUP_ID][i], "turns": 0, "tool_calls": 0,
+                                 "tool_successes": 0, "answer_in_result": False, "turn_reward": 0.0,
+                                 "action_tokens": 0})
+        s["turns"] = max(s["turns"], cols[S.TURN_INDEX][i] + 1)
+        s["tool_calls"] += int(cols[S.TOOL_CALLED][i])
+        s["tool_successes"] += int(cols[S.TOOL_SUCCESS][i])
+        s["answer_in_result"] = s["answer_in_result"] or bool(cols[S.RESULT_CONTAINS_ANSWER][i])
+        s["turn_reward"] += float(cols[S.TURN_REWARD][i])
+        s["action_tokens"] += int(n_actions[i] or 0)
+        if cols[S.IS_LAST_TURN][i]:
+            comps = S.components_to_dict(cols[S.OUTCOME_REWARD_COMPONENTS][i])
+            s["outcome_reward"] = float(cols[S.OUTCOME_REWARD][i])
+            s["exact_match"] = float(comps.get("exact_match", 0.0) > 0)
+            s["format"] = float(comps.get("format", 0.0))
+            s["truncated"] = bool(cols[S.TRUNCATED][i])
+    return [out[e] for e in sorted(out)]
+
+
 def summarize_episodes(episodes: list[dict[str, Any]]) -> dict[str, float]:
     """Fractions over episodes.
 

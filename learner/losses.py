@@ -193,20 +193,32 @@ def ppo_clip_loss(
     *,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
+    clip_ratio_c: float | None = None,
+    log_ratio_clamp: float = 20.0,
     agg_mode: str = "token-mean",
     norm_tokens: float | None = None,
     num_seqs: float | None = None,
     max_len: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped surrogate policy loss with asymmetric clip range.
+    """Clipped surrogate policy loss with asymmetric clip range and optional dual clip.
 
     Per token::
 
-        rho = exp(logp - logp_old)
+        rho = exp(clamp(logp - logp_old, -log_ratio_clamp, log_ratio_clamp))
         l   = max(-A * rho, -A * clip(rho, 1 - clip_low, 1 + clip_high))
+        l   = min(l, -A * c)            where A < 0, when c = clip_ratio_c is given (dual clip)
 
     then :func:`aggregate_loss` with ``agg_mode``. ``clip_high > clip_low`` is DAPO's
     "clip-higher".
+
+    Why the dual clip (Ye et al. 2020, arXiv 1912.09729; verl's ``clip_ratio_c``): the
+    pessimistic ``max`` bounds rho only on the side that would raise the objective. For a
+    token with A < 0 whose probability has *risen* since it was sampled (rho > 1 + clip_high),
+    ``-A * rho`` is unbounded, so on stale rows (asynchronous training, several epochs) a few
+    such tokens can carry the update: on the demo task at policy lag 1, rho reached 133 and
+    those tokens ~8 % of the gradient weight (docs/benchmarks.md, "Async learning"). Capping the
+    loss at ``-A * c`` (c > 1) zeroes their gradient past rho = c. On fresh rows (rho = 1) it
+    changes nothing. The clamp keeps ``exp`` finite for any log-ratio.
 
     Args:
         logprobs: float[B, T] log-probs of the taken tokens under the current policy (grad).
@@ -214,13 +226,18 @@ def ppo_clip_loss(
         advantages: float[B, T] per-token advantages (see ``credit.broadcast_to_tokens``).
         mask: bool or float[B, T] loss tokens.
         clip_low, clip_high: ratio is clipped to ``[1 - clip_low, 1 + clip_high]``.
+        clip_ratio_c: dual-clip constant c > 1 (None: off): the loss of a token with A < 0 is at
+            most ``-A * c``.
+        log_ratio_clamp: bound on ``|logp - logp_old|`` before ``exp``.
         agg_mode, norm_tokens, num_seqs, max_len: see :func:`aggregate_loss`.
 
     Returns:
         ``(loss, diagnostics)``; diagnostics are detached scalars over the loss tokens:
         ``pg_loss``, ``clip_frac`` (share of tokens whose clipped term is the active one),
         ``clip_frac_low`` / ``clip_frac_high`` (clipped at the lower / upper bound),
-        ``approx_kl`` (mean of ``logp_old - logp``), ``ratio_mean``, ``ratio_max``.
+        ``clip_frac_dual`` (capped by the dual clip), ``approx_kl`` (k1: mean of
+        ``logp_old - logp``), ``approx_kl_k3`` (mean of ``(rho - 1) - log rho``, never
+        negative), ``ratio_mean``, ``ratio_max``.
     """
     if not (logprobs.shape == old_logprobs.shape == advantages.shape == mask.shape):
         raise ValueError(
@@ -230,6 +247,10 @@ def ppo_clip_loss(
         )
     if clip_low < 0 or clip_high < 0 or clip_low >= 1:
         raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0; got {clip_low}, {clip_high}")
+    if clip_ratio_c is not None and clip_ratio_c <= 1:
+        raise ValueError(f"clip_ratio_c must be > 1 (or None); got {clip_ratio_c}")
+    if log_ratio_clamp <= 0:
+        raise ValueError(f"log_ratio_clamp must be > 0; got {log_ratio_clamp}")
     fmask = mask.to(logprobs.dtype)  # [B, T]
     on = fmask != 0  # [B, T]
     zero = torch.zeros_like(logprobs)  # [B, T]
@@ -237,17 +258,22 @@ def ppo_clip_loss(
     old = torch.where(on, old_logprobs.to(logprobs.dtype), zero)  # [B, T]
     adv = torch.where(on, advantages.to(logprobs.dtype), zero)  # [B, T]
 
-    log_ratio = logp - old  # [B, T]
+    log_ratio = torch.clamp(logp - old, -log_ratio_clamp, log_ratio_clamp)  # [B, T]
     ratio = torch.exp(log_ratio)  # [B, T]
     pg_unclipped = -adv * ratio  # [B, T]
     pg_clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)  # [B, T]
     pg_mat = torch.maximum(pg_unclipped, pg_clipped)  # [B, T]
+    dual = torch.zeros_like(on)  # [B, T] tokens capped by the dual clip
+    if clip_ratio_c is not None:
+        cap = -adv * clip_ratio_c  # [B, T] > 0 where A < 0
+        dual = (adv < 0) & (pg_mat > cap)  # [B, T]
+        pg_mat = torch.where(adv < 0, torch.minimum(pg_mat, cap), pg_mat)  # [B, T]
     loss = aggregate_loss(
         pg_mat, fmask, agg_mode, norm_tokens=norm_tokens, num_seqs=num_seqs, max_len=max_len
     )  # []
 
     with torch.no_grad():
-        clipped = (pg_clipped > pg_unclipped).to(logprobs.dtype)  # [B, T]
+        clipped = ((pg_clipped > pg_unclipped) & ~dual).to(logprobs.dtype)  # [B, T]
         clipped_low = clipped * (ratio < 1.0 - clip_low).to(logprobs.dtype)  # [B, T]
         clipped_high = clipped * (ratio > 1.0 + clip_high).to(logprobs.dtype)  # [B, T]
         diagnostics = {
@@ -255,7 +281,9 @@ def ppo_clip_loss(
             "clip_frac": _masked_mean(clipped, fmask),
             "clip_frac_low": _masked_mean(clipped_low, fmask),
             "clip_frac_high": _masked_mean(clipped_high, fmask),
+            "clip_frac_dual": _masked_mean(dual.to(logprobs.dtype), fmask),
             "approx_kl": _masked_mean(-log_ratio, fmask),
+            "approx_kl_k3": _masked_mean((ratio - 1.0) - log_ratio, fmask),
             "ratio_mean": _masked_mean(ratio, fmask),
             "ratio_max": torch.where(on, ratio, zero).amax() if ratio.numel() else zero.sum(),
         }
@@ -347,6 +375,8 @@ def policy_loss(
     entropy_coef: float = 0.0,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
+    clip_ratio_c: float | None = None,
+    log_ratio_clamp: float = 20.0,
     agg_mode: str = "token-mean",
     norm_tokens: float | None = None,
     num_seqs: float | None = None,
@@ -365,8 +395,8 @@ def policy_loss(
         kl_coef: weight of the KL penalty (0 turns it off).
         kl_kind: "k1", "k2" or "k3" (see :func:`kl_penalty`).
         entropy_coef: weight of the entropy bonus (0 turns it off).
-        clip_low, clip_high, agg_mode, norm_tokens, num_seqs, max_len: as in
-            :func:`ppo_clip_loss`.
+        clip_low, clip_high, clip_ratio_c, log_ratio_clamp, agg_mode, norm_tokens, num_seqs,
+            max_len: as in :func:`ppo_clip_loss`.
 
     Returns:
         ``(loss, diagnostics)``: the diagnostics of :func:`ppo_clip_loss` plus ``loss``, and
@@ -380,6 +410,8 @@ def policy_loss(
         mask,
         clip_low=clip_low,
         clip_high=clip_high,
+        clip_ratio_c=clip_ratio_c,
+        log_ratio_clamp=log_ratio_clamp,
         agg_mode=agg_mode,
         **agg,
     )  # []

@@ -36,6 +36,14 @@ def compute_turn_advantages(batch: EpisodeBatch, estimator: str, hparams: dict[s
     return fn(batch.turn_rewards, batch.outcome_rewards, batch.turn_mask, batch.group_ids, **kwargs)
 
 
+def distinct_tokens(batch: EpisodeBatch) -> int:
+    """Distinct (prefix, token) positions of a batch's sequences: the nodes of their prefix tree."""
+    from learner.packed_forward import PrefixTree
+
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    return PrefixTree.build([batch.input_ids[b, :n].tolist() for b, n in enumerate(lengths)]).num_nodes
+
+
 def _skip_cpu_shm_op() -> None:
     """Let DeepSpeed's CPU backend use plain gloo collectives instead of JIT-compiling its
     shared-memory all-reduce op (35-60 s of C++ compilation on a fresh machine, once per
@@ -102,6 +110,17 @@ class LearnerWorker:
         self.grad_accum = grad_accum
         self.version = 0
         self.steps = 0
+        self._packed = None  # learner.prefix_sharing: the forward over distinct prefixes (learner/packed_forward.py)
+        if learner.get("prefix_sharing", False):
+            from actors.lean_forward import unsupported_reason
+            from learner.packed_forward import PackedForward
+
+            reason = unsupported_reason(model)
+            if reason is not None:
+                raise ValueError(f"config field `learner.prefix_sharing` = true: this policy has {reason}; the shared-"
+                                 "prefix forward mirrors Qwen2/Llama decoders only (set it to false)")
+            self._packed = PackedForward()
+        self.tokens_processed = 0.0  # tokens the last step's forwards ran over (perf/learner/tokens)
 
     # -- one training step -------------------------------------------------------------
     def train_step(self, table: pa.Table) -> dict[str, float]:
@@ -110,6 +129,7 @@ class LearnerWorker:
 
         t0 = time.time()
         batch = assemble(table, self.pad_id)
+        self.tokens_processed = 0.0
         hp = {"turn_coef": self.acfg["turn_coef"], "outcome_coef": self.acfg["outcome_coef"],
               "gamma": self.acfg["gamma"], "eps": self.acfg["eps"]}
         turn_adv = compute_turn_advantages(batch, self.acfg["advantage"], hp)  # [B, K]
@@ -138,10 +158,13 @@ class LearnerWorker:
         self.version += 1
         out = self._global_diags(diags)  # whole-batch values, the same for any number of ranks
         stats: dict[str, float] = {
-            M.LOSS: out.get("loss", 0.0), M.KL: out.get("approx_kl", 0.0), M.CLIP_FRAC: out.get("clip_frac", 0.0),
+            M.LOSS: out["loss"], M.KL: out["approx_kl"], M.KL_K3: out["approx_kl_k3"], M.CLIP_FRAC: out["clip_frac"],
+            M.CLIP_FRAC_DUAL: out["clip_frac_dual"], M.RATIO_MAX: out["ratio_max"],
             M.ENTROPY: out.get("entropy", 0.0), M.GRAD_NORM: self._reported_grad_norm(),
             M.LR: float(self.engine.get_lr()[0]), M.POLICY_VERSION: self.version, M.STEP: self.steps,
             M.TIME_ADVANTAGE: t_adv, M.TIME_UPDATE: time.time() - t0 - t_adv,
+            M.LEARNER_TOKENS: self.tokens_processed / self.acfg["ppo_epochs"],
+            M.LEARNER_UNIQUE_TOKENS: float(distinct_tokens(mine)),
         }
         for k in range(turn_adv.shape[1]):
             present = batch.turn_mask[:, k]
@@ -160,6 +183,9 @@ class LearnerWorker:
         ids = mb.input_ids.to(device)  # [b, T]
         mask = mb.action_mask[:, 1:].to(device) > 0  # [b, T-1] position t predicts token t+1
         module = self.engine.module
+        if self._packed is not None:
+            return self._packed_action_logits(module, mb, mask)
+        self.tokens_processed += float(ids.numel())
         if self.lcfg.get("zero_stage", 0) == 3:
             # ZeRO-3 gathers partitioned parameters in hooks around the whole model's forward; calling
             # the decoder and the (tied) LM head separately gives wrong gradients, so take the full logits.
@@ -168,6 +194,23 @@ class LearnerWorker:
         hidden = module.get_decoder()(input_ids=ids, attention_mask=mb.attention_mask.to(device)).last_hidden_state
         logits = module.get_output_embeddings()(hidden[:, :-1][mask])  # [N, V]
         return logits, ids[:, 1:][mask], mask
+
+    def _packed_action_logits(self, module, mb: EpisodeBatch, mask: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``_action_logits`` through the shared-prefix forward: each distinct prefix once, logits once per node."""
+        from learner.packed_forward import PrefixTree
+
+        lengths = mb.attention_mask.sum(dim=1).tolist()
+        tree = PrefixTree.build([mb.input_ids[b, :n].tolist() for b, n in enumerate(lengths)])
+        self.tokens_processed += float(tree.num_nodes)
+        width = mb.input_ids.shape[1]
+        path = torch.zeros(len(lengths), width, dtype=torch.long)
+        path[:, : tree.path.shape[1]] = tree.path[:, :width]
+        nodes = path[:, :-1].to(mask.device)[mask]  # [N] node that predicts each action token
+        uniq, inverse = torch.unique(nodes, return_inverse=True)  # logits once per node
+        hidden = self._packed.hidden(module, tree)  # [nodes, H]
+        logits = module.get_output_embeddings()(hidden[uniq])[inverse]  # [N, V]
+        return logits, mb.input_ids[:, 1:].to(mask.device)[mask], mask
 
     def _micro_step(self, mb: EpisodeBatch, adv: torch.Tensor, norm_tokens: float) -> dict[str, float]:
         logits, labels, mask = self._action_logits(mb)
@@ -182,7 +225,8 @@ class LearnerWorker:
         loss, diag = policy_loss(
             logp, old, adv[:, 1:].to(logp.device), fmask, entropy=ent if use_ent else None,
             entropy_coef=self.acfg["entropy_coef"], clip_low=self.acfg["clip_low"],
-            clip_high=self.acfg["clip_high"], agg_mode=self.acfg["loss_agg"], norm_tokens=norm_tokens,
+            clip_high=self.acfg["clip_high"], clip_ratio_c=self.acfg["clip_ratio_c"],
+            agg_mode=self.acfg["loss_agg"], norm_tokens=norm_tokens,
             num_seqs=self._num_seqs, max_len=self._max_len)
         self.engine.backward(loss, scale_wrt_gas=False)
         self._engine_step()
@@ -196,16 +240,20 @@ class LearnerWorker:
         """Diagnostics of the whole batch: identical on every rank and for any number of ranks.
 
         ``loss`` is the sum of the micro-batch losses (each already divided by the global
-        normaliser), averaged over epochs; ``approx_kl``, ``clip_frac`` and ``entropy`` are
-        token-weighted means. Sums go through an all-reduce, so every rank must call this.
+        normaliser), averaged over epochs; ``approx_kl`` (k1 and k3), ``clip_frac`` (PPO and dual)
+        and ``entropy`` are token-weighted means; ``ratio_max`` the largest ratio. Sums and the
+        max go through all-reduces, so every rank must call this.
         """
-        keys = ("approx_kl", "clip_frac", "entropy")
+        keys = ("approx_kl", "approx_kl_k3", "clip_frac", "clip_frac_dual", "entropy")
         vec = [sum(d["tokens"] for d in diags), sum(d["loss"] for d in diags)]
         vec += [sum(d.get(k, 0.0) * d["tokens"] for d in diags) for k in keys]
         t = torch.tensor(vec, dtype=torch.float64, device=self.engine.device)  # [2 + len(keys)]
+        top = torch.tensor([max((d.get("ratio_max", 0.0) for d in diags), default=0.0)], dtype=torch.float64,
+                           device=self.engine.device)  # [1]
         if self.world > 1:
             torch.distributed.all_reduce(t)
-        out = {"loss": float(t[1]) / self.world / self.acfg["ppo_epochs"]}
+            torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
+        out = {"loss": float(t[1]) / self.world / self.acfg["ppo_epochs"], "ratio_max": float(top[0])}
         out.update({k: float(t[2 + i]) / max(float(t[0]), 1.0) for i, k in enumerate(keys)})
         return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 import torch
@@ -116,6 +117,35 @@ def test_weight_push_between_turns_changes_outputs_and_versions(cluster, local):
     pool.flush_releases()
 
 
+def _wait_until_killed(ray, actor, instance: str, timeout_s: float = 60.0) -> None:
+    """Until the killed actor's old process no longer answers (a call fails, or a new process answers)."""
+    from ray.exceptions import RayActorError
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if ray.get(actor.instance_id.remote(), timeout=10) != instance:
+                return
+        except RayActorError:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the killed actor kept answering")
+
+
+def _get_when_up(ray, method, timeout_s: float = 90.0):
+    """``ray.get(method.remote())``, retried while the actor is restarting."""
+    from ray.exceptions import ActorUnavailableError
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            return ray.get(method.remote(), timeout=30)
+        except ActorUnavailableError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def test_killed_generator_comes_back_with_the_latest_weights(cluster, local):
     ray, tok = cluster["ray"], local.tokenizer
     state = _perturbed(local.model, 0.3, seed=2)
@@ -133,9 +163,10 @@ def test_killed_generator_comes_back_with_the_latest_weights(cluster, local):
     obs = tok.encode("<result>Ralomek</result>", add_special_tokens=False)
     hist = [p + o.token_ids + obs for p, o in zip(prompts, first)]
     ray.kill(victim, no_restart=False)  # dies mid-rollout, with sessions on it
+    _wait_until_killed(ray, victim, before)  # ray.kill returns before the process is gone
     second = pool.generate_turns([Request(f"k{i}", h, GREEDY) for i, h in enumerate(hist)])
-    assert ray.get(victim.instance_id.remote()) != before
-    assert ray.get(victim.version.remote()) == version  # reloaded from the WeightStore before serving
+    assert _get_when_up(ray, victim.instance_id) != before
+    assert _get_when_up(ray, victim.version) == version  # reloaded from the WeightStore before serving
     ref = local.generate(hist, GREEDY)
     for i, (o, r) in enumerate(zip(second, ref)):
         assert o.version == version and o.token_ids == r.token_ids

@@ -218,3 +218,69 @@ def test_lag_bound_holds_across_rollout_worker_and_generator_restarts(tiny_polic
     lags = check_trained(trained)
     assert len(lags) == 4 and max(lags) <= LAG and lags == loop.trained_lags
     assert queue[M.POLICY_LAG_RELEASED_MAX] <= LAG
+
+
+def test_async_learner_sees_the_rows_produced_with_their_own_logprobs_and_versions(tiny_policy, ray_local,
+                                                                                    tmp_path):
+    """What a learner step receives in asynchronous mode, against what the generators produced.
+
+    Real Trainer (generator, env worker, queue, rollout worker, DeepSpeed learner). For every trained
+    row: its log-probs are those of the weights of the version it claims (a fresh forward of the
+    learner's weights at that version), it is trained once, its lag is within the bound; and the step's
+    ``rollout/*`` metrics are those of the episodes it trained on, so no two steps report one rollout.
+    """
+    import ray
+    import torch
+
+    from common.modeling import load_model
+    from env_workers.prepare import prepare_data
+    from learner.async_loop import AsyncLoop
+    from learner.batch import assemble
+    from learner.driver import Trainer, episode_metrics
+    from learner.evaluation import episode_summaries
+
+    cfg = tiny_async_config(tiny_policy, tmp_path, "learner.lr=0.05", "generation.max_tokens_per_turn=8")
+    trainer = Trainer(cfg, tmp_path / "run", prepare_data(cfg.data))
+    weights = {0: ray.get(trainer.learners[0].state_dict.remote())}
+    trained: list[tuple[int, pa.Table]] = []
+    train_on = trainer.train_on
+
+    def recording_train_on(table: pa.Table) -> dict[str, float]:
+        trained.append((trainer.version, table))
+        out = train_on(table)
+        weights[trainer.version] = ray.get(trainer.learners[0].state_dict.remote())
+        return out
+
+    trainer.train_on = recording_train_on
+    steps = []
+    try:
+        loop = AsyncLoop(trainer, poll_s=0.2)
+        for step in range(1, 5):
+            steps.append(loop.step(step))
+        loop.close()
+    finally:
+        trainer.close()
+
+    lags = check_trained(trained)
+    assert max(lags) <= LAG and lags == loop.trained_lags and max(lags) == 1  # generation did run ahead
+    model = load_model(str(tiny_policy)).eval()
+    checked = 0
+    for (_, table), stats in zip(trained, steps):
+        batch = assemble(table, pad_id=0)
+        turn_version = torch.gather(batch.versions, 1, batch.token_turn.clamp(min=0))[:, 1:]  # [B, T-1]
+        acting = batch.action_mask[:, 1:] > 0  # [B, T-1] token t+1 was sampled by the policy
+        for v in sorted(set(table.column(S.POLICY_VERSION).to_pylist())):
+            model.load_state_dict(weights[v])
+            with torch.no_grad():
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+            fresh = torch.log_softmax(logits.float() / cfg.generation.temperature, -1).gather(
+                -1, batch.input_ids[:, 1:, None])[..., 0]  # [B, T-1]
+            mine = acting & (turn_version == v)
+            torch.testing.assert_close(fresh[mine], batch.behaviour_logprobs[:, 1:][mine], atol=1e-4, rtol=0)
+            checked += int(mine.sum())
+        expected = episode_metrics(episode_summaries(table))
+        assert {k: stats[k] for k in expected} == pytest.approx(expected)
+    assert checked == sum(int((assemble(t, 0).action_mask[:, 1:] > 0).sum()) for _, t in trained)
+    # the generation figures come from rollout calls that finished during the step, never carried over
+    reported = [s for s in steps if M.TIME_ROLLOUT in s]
+    assert reported and len({s[M.TIME_ROLLOUT] for s in reported}) == len(reported)

@@ -219,6 +219,53 @@ def test_ppo_clip_asymmetric_boundaries() -> None:
     close(diag2["clip_frac"], 3 / 6)
 
 
+def test_dual_clip_caps_negative_advantage_tokens_hand_worked() -> None:
+    # c = 3, clip 0.2. Per token: A, ratio, PPO term max(-A r, -A clip(r)), dual cap -A*c (A < 0 only)
+    #   tok  A    ratio  PPO term            dual           final  grad d/dlogp
+    #   0   -1    5.0    +5.0 (unclipped)    min(5, 3) = 3   3.0   0 (capped)
+    #   1   -1    2.0    +2.0                min(2, 3) = 2   2.0   +2.0 (= -A r)
+    #   2   -2    0.5    +1.6 (clip lo 0.8)  min(1.6, 6)     1.6   0 (PPO clipped)
+    #   3   +1    5.0    -1.2 (clip hi)      -- (A > 0)     -1.2   0
+    #   4   +1    0.5    -0.5                --             -0.5   -0.5
+    # token-mean over 5: (3 + 2 + 1.6 - 1.2 - 0.5) / 5 = 4.9 / 5
+    ratios = t([[5.0, 2.0, 0.5, 5.0, 0.5]])
+    adv = t([[-1.0, -1.0, -2.0, 1.0, 1.0]])
+    logp = ratios.log().requires_grad_(True)
+    old = torch.zeros_like(ratios)
+    mask = torch.ones_like(ratios)
+    loss, diag = ppo_clip_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.2, clip_ratio_c=3.0)
+    close(loss.detach(), 4.9 / 5)
+    loss.backward()
+    close(logp.grad, t([[0.0, 2.0, 0.0, 0.0, -0.5]]) / 5)
+    close(diag["clip_frac_dual"], 1 / 5)
+    close(diag["clip_frac"], 2 / 5)  # tokens 2 and 3; the dual-capped token 0 is counted apart
+    # without the dual clip token 0 keeps its unbounded term and gradient -A * r = 5
+    logp2 = ratios.log().requires_grad_(True)
+    loss2, diag2 = ppo_clip_loss(logp2, old, adv, mask, clip_low=0.2, clip_high=0.2)
+    close(loss2.detach(), 6.9 / 5)
+    loss2.backward()
+    close(logp2.grad, t([[5.0, 2.0, 0.0, 0.0, -0.5]]) / 5)
+    close(diag2["clip_frac_dual"], 0.0)
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        ppo_clip_loss(logp2, old, adv, mask, clip_ratio_c=1.0)
+
+
+def test_log_ratio_clamp_keeps_exp_finite() -> None:
+    # a log-ratio of 200 would overflow exp in float32; clamped at 20 it is e^20, and the k3 KL is finite
+    logp = torch.tensor([[200.0, 0.5]], dtype=torch.float32, requires_grad=True)
+    old = torch.zeros_like(logp)
+    adv = torch.tensor([[-1.0, 1.0]])
+    mask = torch.ones_like(logp)
+    loss, diag = ppo_clip_loss(logp, old, adv, mask, clip_ratio_c=3.0)
+    assert torch.isfinite(loss) and torch.isfinite(diag["approx_kl_k3"])
+    close(diag["ratio_max"], torch.tensor(math.exp(20.0), dtype=torch.float32), atol=1e3)
+    loss.backward()
+    assert torch.isfinite(logp.grad).all() and logp.grad[0, 0].item() == 0.0  # outside the clamp: no gradient
+    # k3 = (r - 1) - log r: 0 on policy, > 0 otherwise; here for token 1 alone
+    _, d1 = ppo_clip_loss(logp.detach()[:, 1:], old[:, 1:], adv[:, 1:], mask[:, 1:])
+    close(d1["approx_kl_k3"], torch.tensor(math.exp(0.5) - 1.0 - 0.5, dtype=torch.float32), atol=1e-6)
+
+
 def test_ppo_on_policy_is_plain_policy_gradient() -> None:
     # ratio 1 everywhere: loss = -mean(A) over loss tokens, grad = -A / n_tokens
     logp = t([[-1.0, -2.0, -3.0]]).requires_grad_(True)

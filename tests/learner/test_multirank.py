@@ -56,11 +56,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _table(vocab: int) -> pa.Table:
-    """GROUPS x G two-turn episodes with random tokens; behaviour log-probs near the tiny model's."""
+def _table(vocab: int, shared: bool = False) -> pa.Table:
+    """GROUPS x G two-turn episodes with random tokens; behaviour log-probs near the tiny model's.
+
+    ``shared``: as GRPO batches are, the episodes of a group share their prompt, and two of them
+    also their first action and its observation (a prefix tree with branches at several depths).
+    """
     rng = random.Random(0)
     rows = []
     for g in range(GROUPS):
+        prompt, first = None, None
         for e in range(G):
             base = {S.RUN_ID: "r", S.GROUP_ID: g, S.EPISODE_ID: g * G + e, S.PROMPT_ID: g, S.POLICY_VERSION: 0,
                     S.STATE_HASH: 0, S.TURN_REWARD_COMPONENTS: {}, S.OUTCOME_REWARD_COMPONENTS: {},
@@ -74,8 +79,13 @@ def _table(vocab: int) -> pa.Table:
                 return [-math.log(vocab) + rng.uniform(-0.3, 0.3) for _ in range(n)]
 
             a0, a1 = toks(rng.randint(2, 6)), toks(rng.randint(1, 4))
-            rows.append({**base, S.TURN_INDEX: 0, S.CONTEXT_TOKEN_IDS: toks(5), S.ACTION_TOKEN_IDS: a0,
-                         S.ACTION_LOGPROBS: logprobs(len(a0)), S.OBSERVATION_TOKEN_IDS: toks(3),
+            context, obs = toks(5), toks(3)
+            if shared:
+                prompt = prompt or context
+                first = first or (a0, obs)
+                context, (a0, obs) = prompt, (first if e < 2 else (a0, obs))
+            rows.append({**base, S.TURN_INDEX: 0, S.CONTEXT_TOKEN_IDS: context, S.ACTION_TOKEN_IDS: a0,
+                         S.ACTION_LOGPROBS: logprobs(len(a0)), S.OBSERVATION_TOKEN_IDS: obs,
                          S.TURN_REWARD: rng.random(), S.IS_LAST_TURN: False, S.OUTCOME_REWARD: 0.0})
             rows.append({**base, S.TURN_INDEX: 1, S.CONTEXT_TOKEN_IDS: [], S.ACTION_TOKEN_IDS: a1,
                          S.ACTION_LOGPROBS: logprobs(len(a1)), S.OBSERVATION_TOKEN_IDS: [],
@@ -83,9 +93,13 @@ def _table(vocab: int) -> pa.Table:
     return pa.Table.from_batches([S.transitions_to_batch(rows)])
 
 
-def _train(ray, model_dir, table, *, world: int, zero_stage: int) -> dict:
-    """One train_step on ``world`` ranks (as the driver does it); returns stats, weights, gradients."""
+def _train(ray, model_dir, table, *, world: int, zero_stage: int, prefix_sharing: bool | None = None) -> dict:
+    """One train_step on ``world`` ranks (as the driver does it); returns stats, weights, gradients.
+
+    ``prefix_sharing`` None: the config default where it applies (off under ZeRO-3)."""
+    sharing = zero_stage != 3 if prefix_sharing is None else prefix_sharing
     cfg = load_config(None, [f"learner.zero_stage={zero_stage}", f"learner.num_ranks={world}",
+                             f"learner.prefix_sharing={str(sharing).lower()}",
                              "learner.micro_batch_size=2", "learner.lr=0.01", "learner.grad_clip=1000000.0",
                              "learner.torch_threads=1", "algorithm.ppo_epochs=2", f"algorithm.group_size={G}",
                              f"algorithm.prompts_per_step={GROUPS}"])
@@ -187,3 +201,29 @@ def test_staleness_weight_scales_the_groups_gradient(setup):
     got = _train(ray, model_dir, weighted, world=1, zero_stage=0)
     for name, g in ref["grads"][0].items():  # first optimizer step: both at the initial weights
         torch.testing.assert_close(got["grads"][0][name], w * g, rtol=1e-4, atol=1e-8)
+
+
+def test_prefix_sharing_equals_the_padded_forward(setup):
+    """learner.prefix_sharing: the forward over distinct prefixes takes the same step as one padded row per
+    episode, on a batch whose groups share prompts and, in part, first turns (learner/packed_forward.py)."""
+    from learner.packed_forward import PrefixTree
+
+    ray, model_dir, _, _ = setup
+    from common.modeling import load_tokenizer
+
+    table = _table(len(load_tokenizer(model_dir)), shared=True)
+    packed = _train(ray, model_dir, table, world=1, zero_stage=0, prefix_sharing=True)
+    padded = _train(ray, model_dir, table, world=1, zero_stage=0, prefix_sharing=False)
+    _assert_same_update(packed, padded, load_file(str(model_dir / "model.safetensors")))
+    for g_p, g_r in zip(packed["grads"], padded["grads"]):  # both optimizer steps (ppo_epochs=2)
+        for name, g in g_r.items():
+            torch.testing.assert_close(g_p[name], g, rtol=1e-4, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+    # the work counts: the packed forward ran over each micro-batch's distinct prefixes (micro-batches of 2
+    # episodes share less than the whole batch does), the padded one over every padded row
+    unique = packed["stats"][M.LEARNER_UNIQUE_TOKENS]
+    assert unique == padded["stats"][M.LEARNER_UNIQUE_TOKENS]
+    assert unique <= packed["stats"][M.LEARNER_TOKENS] < padded["stats"][M.LEARNER_TOKENS]
+    rows = [sum(len(r[c]) for r in table.to_pylist() if r[S.EPISODE_ID] == e
+                for c in (S.CONTEXT_TOKEN_IDS, S.ACTION_TOKEN_IDS, S.OBSERVATION_TOKEN_IDS))
+            for e in range(GROUPS * G)]
+    assert unique < sum(rows)  # the prompts (and two first turns per group) were computed once
