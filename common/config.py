@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -75,9 +76,41 @@ class Config:
         if self.rollout.mode == "async" and self.queue.max_policy_lag < 1:
             _fail("queue.max_policy_lag", self.queue.max_policy_lag,
                   "must be >= 1 with rollout.mode async (0 leaves generation no room to run ahead: use mode sync)")
+        ahead = 1 if self.rollout.mode == "async" else 0  # async generation runs a step ahead of the learner
+        if self.learner.push_every - 1 + ahead > self.queue.max_policy_lag:
+            _fail("learner.push_every", self.learner.push_every,
+                  f"with rollout.mode {self.rollout.mode}, rows can lag the learner by push_every - 1"
+                  f"{' + 1' if ahead else ''} versions, more than queue.max_policy_lag = {self.queue.max_policy_lag}: "
+                  "every such group would be dropped as stale; raise queue.max_policy_lag or lower push_every")
+        if self.algorithm.off_policy != "none" and self.learner.recompute_old_logprobs:
+            _fail("learner.recompute_old_logprobs", True, f"is implied by algorithm.off_policy = "
+                  f"{self.algorithm.off_policy!r} (the ratio is always taken against the learner's own log-probs)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def torch_threads(cfg: Config, cores: int | None = None) -> tuple[int, int]:
+    """Intra-op threads of each generator and each learner rank: the configured values, or for ``null``:
+
+    * local mode (``ray.address`` null), on this machine's ``cores``: in ``rollout.mode: sync`` the
+      generators and the learner take turns, so each role gets every core (shared among its actors);
+      in ``async`` they compute at the same time, so the cores are split in half between the roles.
+      Oversubscribing the cores (2 + 2 threads on 2 cores) makes both sides several times slower.
+    * on a cluster: the role's ``num_cpus`` (at least 1), what Ray reserved for the actor.
+    """
+    g, lc = cfg.generators, cfg.learner
+    if cfg.ray.address:
+        auto_g, auto_l = max(1, int(g.num_cpus)), max(1, int(lc.num_cpus))
+    else:
+        if cores is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if cfg.rollout.mode == "async":
+            half = max(1, cores // 2)
+            auto_g, auto_l = max(1, half // g.num), max(1, (cores - half) // lc.num_ranks)
+        else:
+            auto_g, auto_l = max(1, cores // g.num), max(1, cores // lc.num_ranks)
+    return (g.torch_threads or auto_g), (lc.torch_threads or auto_l)
 
 
 def check_placement(cfg: Config) -> None:

@@ -20,7 +20,8 @@ def _fail(path: str, value: Any, rule: str) -> None:
     raise ConfigError(f"config field `{path}` = {value!r}: {rule}")
 
 
-def _check_actor_resources(p: str, num_cpus: float, num_gpus: float, max_restarts: int, threads: int) -> None:
+def _check_actor_resources(p: str, num_cpus: float, num_gpus: float, max_restarts: int, threads: int | None
+                            ) -> None:
     """Rules shared by the actor sections (``generators``, ``env``, ``learner``)."""
     if num_cpus < 0:
         _fail(f"{p}.num_cpus", num_cpus, "must be >= 0")
@@ -28,8 +29,8 @@ def _check_actor_resources(p: str, num_cpus: float, num_gpus: float, max_restart
         _fail(f"{p}.num_gpus", num_gpus, "must be >= 0")
     if max_restarts < -1:
         _fail(f"{p}.max_restarts", max_restarts, "must be >= -1 (-1: restart without limit)")
-    if threads < 1:
-        _fail(f"{p}.torch_threads", threads, "must be >= 1")
+    if threads is not None and threads < 1:
+        _fail(f"{p}.torch_threads", threads, "must be >= 1, or null (auto)")
 
 
 @dataclass
@@ -118,7 +119,7 @@ class GeneratorsConfig:
     backend: str = "hf"  # decoding backend: hf (CPU/GPU) | vllm (GPU; a CPU build of vLLM with vllm_allow_cpu)
     num_cpus: float = 1.0  # Ray CPUs reserved per generator actor
     num_gpus: float = 0.0  # Ray GPUs per generator actor
-    torch_threads: int = 2  # intra-op threads per generator actor
+    torch_threads: int | None = None  # intra-op threads per generator actor; null: auto (common.config.torch_threads: local mode splits this machine's cores between the roles that compute at once, a cluster uses num_cpus)
     max_restarts: int = 3  # Ray restarts of a dead generator (it reloads the latest weights before serving)
     session_kv: bool = True  # keep each episode's KV cache on its generator between turns (False: re-prefill the history every turn)
     streaming: bool = False  # rollout: an episode's next turn joins the running batch as soon as its env step returns (needs session_kv)
@@ -270,6 +271,8 @@ class AlgorithmConfig:
     ppo_epochs: int = 1  # optimisation passes over each batch (paper: 2)
     clip_low: float = 0.2  # PPO ratio lower clip (1 - clip_low)
     clip_high: float = 0.2  # PPO ratio upper clip (1 + clip_high)
+    off_policy: str = "none"  # stale rows: none (ratio against the generator's log-probs) | tis (ratio against the learner's own, advantage x min(w, is_cap)) | decoupled (same, tokens with w > is_cap dropped); w = pi_learner/pi_generator
+    is_cap: float = 2.0  # tis / decoupled: truncation or drop threshold of the importance weight (> 0)
     clip_ratio_c: float | None = 3.0  # dual clip: a negative-advantage token's loss is capped at c*|A| (stale rows; null: off); > 1
     loss_agg: str = "token-mean"  # loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
     kl_coef: float = 0.0  # KL-to-reference weight (0: no reference model)
@@ -295,6 +298,12 @@ class AlgorithmConfig:
             _fail(f"{p}.kl_kind", self.kl_kind, "must be 'k1' or 'k3'")
         if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
             _fail(f"{p}.clip_low", self.clip_low, "clip_low must be in [0, 1) and clip_high >= 0")
+        if self.off_policy not in ("none", "tis", "decoupled"):
+            _fail(f"{p}.off_policy", self.off_policy, "must be none, tis or decoupled")
+        if self.off_policy == "none" and self.is_cap != 2.0:
+            _fail(f"{p}.is_cap", self.is_cap, "applies to algorithm.off_policy tis or decoupled only")
+        if not self.is_cap > 0:
+            _fail(f"{p}.is_cap", self.is_cap, "must be > 0")
         if self.clip_ratio_c is not None and not self.clip_ratio_c > 1:
             _fail(f"{p}.clip_ratio_c", self.clip_ratio_c, "must be > 1 (the dual clip caps the loss at c*|A|), or null")
 
@@ -312,11 +321,11 @@ class LearnerConfig:
     num_ranks: int = 1  # learner actors in the data-parallel group
     num_cpus: float = 1.0  # Ray CPUs per learner rank
     num_gpus: float = 0.0  # Ray GPUs per learner rank
-    torch_threads: int = 2  # intra-op threads per learner rank
+    torch_threads: int | None = None  # intra-op threads per learner rank; null: auto (see generators.torch_threads)
     push_every: int = 1  # push weights to the generators every k steps
     bucket_mb: int = 64  # weight-push bucket size in MiB
     weight_sync: str = "auto"  # how weights reach the generators: object_store (Ray, any hardware) | broadcast (torch.distributed from rank 0: NCCL when learner and generators have GPUs, else gloo) | auto (broadcast on GPUs, object_store otherwise)
-    recompute_old_logprobs: bool = False  # recompute behaviour log-probs in the learner (else use the generator's)
+    recompute_old_logprobs: bool = False  # PPO ratio against the learner's own log-probs of the sampled tokens at the start of the update (taken in the first epoch's forward: no extra pass) instead of the generator's; implied by algorithm.off_policy tis/decoupled
     prefix_sharing: bool = True  # forward each distinct prefix of a micro-batch once (prompts shared by a group, repeated turns): exact, Qwen2/Llama policies, zero_stage <= 2; false: one padded row per episode
     cpu_shm_allreduce: bool = False  # CPU only: build DeepSpeed's shared-memory all-reduce op (a 35-60 s C++ JIT compile on first use); off = plain gloo collectives
 

@@ -46,6 +46,10 @@ CLIP_FRAC = "train/clip_frac"
 CLIP_FRAC_DUAL = "train/clip_frac_dual"  # tokens capped by the dual clip (algorithm.clip_ratio_c)
 KL_K3 = "train/kl_k3"  # (rho - 1) - log rho, CleanRL's non-negative approx_kl
 RATIO_MAX = "train/ratio_max"  # largest PPO ratio of the step (after the log-ratio clamp)
+LOGPROB_GAP_MEAN = "train/logprob_gap/mean"  # |learner - generator| log-prob on the same tokens, before the update
+LOGPROB_GAP_MAX = "train/logprob_gap/max"
+IS_WEIGHT_MEAN = "train/is_weight/mean"  # algorithm.off_policy: behaviour -> proximal importance weight
+IS_CAPPED_FRAC = "train/is_weight/capped_frac"
 ENTROPY = "train/entropy"
 GRAD_NORM = "train/grad_norm"
 LR = "train/lr"
@@ -127,7 +131,11 @@ METRICS: dict[str, str] = {
     CLIP_FRAC: "Fraction of action tokens whose ratio was clipped",
     CLIP_FRAC_DUAL: "Fraction of action tokens with negative advantage whose loss the dual clip capped",
     KL_K3: "Approximate KL between behaviour and current policy, k3 form (ratio - 1) - log ratio",
-    RATIO_MAX: "Largest importance ratio current/behaviour policy over the step's action tokens",
+    RATIO_MAX: "Largest PPO ratio (current over old policy) over the step's action tokens",
+    LOGPROB_GAP_MEAN: "Mean |learner - generator| log-prob of the sampled tokens before the update (numerics, plus the policy change of stale rows)",
+    LOGPROB_GAP_MAX: "Max |learner - generator| log-prob of the sampled tokens before the update",
+    IS_WEIGHT_MEAN: "Mean behaviour-to-proximal importance weight of the action tokens (algorithm.off_policy; 1 with none)",
+    IS_CAPPED_FRAC: "Share of action tokens whose importance weight was truncated (tis) or dropped (decoupled)",
     ENTROPY: "Mean token entropy of the policy",
     GRAD_NORM: "Global gradient norm before clipping",
     LR: "Learning rate",

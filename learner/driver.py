@@ -24,7 +24,7 @@ from typing import Any
 
 from common import metrics as M
 from common import schema as S
-from common.config import Config, save_config
+from common.config import Config, save_config, torch_threads
 from env_workers.prepare import DataPaths, prepare_data
 from learner.checkpoint import (Checkpointer, check_compatible, find_resume_checkpoint, latest_checkpoint, read_state,
                                 truncate_metrics)
@@ -51,6 +51,19 @@ def make_run_dir(cfg: Config) -> Path:
         log.warning("could not point %s at the run: %s", latest, e)
     return run_dir
 
+
+
+def make_env_kwargs(cfg: Config) -> dict[str, Any]:
+    """Keyword arguments of every ``WikiSearchEnv`` of the run, from ``env.*``."""
+    from env_workers.env import DEFAULT_SYSTEM_PROMPT, SYSTEM_PROMPTS
+    from env_workers.rewards import RewardWeights
+
+    return {
+        "system_prompt": cfg.env.system_prompt or SYSTEM_PROMPTS.get(cfg.env.protocol, DEFAULT_SYSTEM_PROMPT),
+        "protocol": cfg.env.protocol, "max_turns": cfg.env.max_turns, "top_k": cfg.env.top_k,
+        "max_result_chars": cfg.env.max_result_chars, "answer_match": cfg.env.answer_match,
+        "weights": RewardWeights(**vars(cfg.env.rewards)),
+    }
 
 
 class QuestionSampler:
@@ -101,8 +114,6 @@ class Trainer:
         from actors.rollout import RolloutWorker
         from common.replay_queue import ReplayQueue, register_arrow_serializers
         from env_workers.demo_data import load_questions
-        from env_workers.env import DEFAULT_SYSTEM_PROMPT, SYSTEM_PROMPTS
-        from env_workers.rewards import RewardWeights
         from env_workers.worker import EnvWorker
         from learner.worker import LearnerWorker
 
@@ -117,13 +128,10 @@ class Trainer:
         self.eval_questions = self.eval_questions[: cfg.eval.num_questions]
         self.sampler = QuestionSampler(self.train_questions, cfg.run.seed)
 
-        env_kwargs = {
-            "system_prompt": cfg.env.system_prompt or SYSTEM_PROMPTS.get(cfg.env.protocol, DEFAULT_SYSTEM_PROMPT),
-            "protocol": cfg.env.protocol, "max_turns": cfg.env.max_turns, "top_k": cfg.env.top_k,
-            "max_result_chars": cfg.env.max_result_chars, "answer_match": cfg.env.answer_match,
-            "weights": RewardWeights(**vars(cfg.env.rewards)),
-        }
+        env_kwargs = make_env_kwargs(cfg)
         g = cfg.generators
+        log.info("torch threads: %d per generator, %d per learner rank (rollout.mode %s)", *torch_threads(cfg),
+                 cfg.rollout.mode)
         # learner ranks packed in one placement group; generators on their own GPUs unless colocated
         self.placement = Placement(cfg, run_dir.name)
         self.weight_store = ray.remote(WeightStore).options(num_cpus=0).remote()
@@ -146,7 +154,8 @@ class Trainer:
         master_addr, port = self.placement.rendezvous()
         self.learners = [
             ray.remote(LearnerWorker).options(**self.placement.learner_options(r)).remote(
-                model_path, learner={**vars(lc), "betas": list(lc.betas), "dtype": cfg.model.dtype},
+                model_path, learner={**vars(lc), "betas": list(lc.betas), "dtype": cfg.model.dtype,
+                                     "torch_threads": torch_threads(cfg)[1]},
                 algorithm=vars(a), temperature=cfg.generation.temperature,
                 batch_episodes=a.prompts_per_step * a.group_size, rank=r, world_size=lc.num_ranks,
                 master_port=port, master_addr=master_addr, seed=cfg.run.seed)

@@ -18,6 +18,7 @@ J. Schulman, "Approximating KL Divergence" (2020) for the k1/k2/k3 estimators.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable
 
 import torch
@@ -36,6 +37,8 @@ __all__ = [
     "entropy_from_logits",
     "policy_loss",
     "token_logprobs",
+    "OFF_POLICY_MODES",
+    "behaviour_weights",
 ]
 
 
@@ -289,6 +292,64 @@ def ppo_clip_loss(
         }
     diagnostics = {k: v.detach() for k, v in diagnostics.items()}
     return loss, diagnostics
+
+
+# --------------------------------------------------------------------------------------------
+# Off-policy correction (stale rows: asynchronous training, a sampler that is not the learner)
+# --------------------------------------------------------------------------------------------
+
+OFF_POLICY_MODES = ("none", "tis", "decoupled")
+
+
+def behaviour_weights(
+    prox_logprobs: Tensor,
+    behaviour_logprobs: Tensor,
+    mask: Tensor,
+    mode: str,
+    cap: float = 2.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Importance weights from the behaviour policy (the generator that sampled a token) to the
+    proximal policy (the learner's weights when the update starts), per token.
+
+    With them the PPO ratio is taken against the proximal policy, rho = pi_theta / pi_prox, and the
+    advantage is multiplied by the weight w (AReaL's decoupled PPO, Fu et al. 2025, arXiv 2505.24298;
+    truncated IS, Yao et al. 2025): the trust region is around the policy being updated, however stale
+    the rows, and the staleness is corrected by w::
+
+        w_raw = exp(logp_prox - logp_behaviour)
+        "tis":       w = min(w_raw, cap)                  (truncate)
+        "decoupled": w = w_raw if w_raw <= cap else 0      (drop tokens too far off-policy)
+        "none":      w = 1
+
+    Args:
+        prox_logprobs: float[B, T] log-probs under the proximal policy (no grad).
+        behaviour_logprobs: float[B, T] log-probs the generator recorded.
+        mask: bool or float[B, T] loss tokens.
+        mode: one of :data:`OFF_POLICY_MODES`.
+        cap: C > 0, the truncation / drop threshold.
+
+    Returns:
+        ``(w float[B, T], diagnostics)``: 0 off the mask; ``is_weight_mean`` over the loss tokens and
+        ``is_capped_frac`` (share of loss tokens truncated or dropped).
+    """
+    if mode not in OFF_POLICY_MODES:
+        raise ValueError(f"off-policy mode {mode!r}: use one of {OFF_POLICY_MODES}")
+    if cap <= 0:
+        raise ValueError(f"cap must be > 0; got {cap}")
+    on = mask != 0  # [B, T]
+    zero = torch.zeros_like(prox_logprobs)
+    if mode == "none":
+        w = torch.where(on, torch.ones_like(zero), zero)  # [B, T]
+        capped = torch.zeros_like(on)
+    else:
+        log_w = torch.where(on, prox_logprobs - behaviour_logprobs.to(prox_logprobs.dtype), zero)  # [B, T]
+        raw = torch.exp(torch.clamp(log_w, max=math.log(cap) + 1.0))  # [B, T] finite; above cap either way
+        capped = on & (raw > cap)  # [B, T]
+        w = torch.where(capped, torch.full_like(raw, cap) if mode == "tis" else zero, raw)
+        w = torch.where(on, w, zero)
+    fmask = mask.to(prox_logprobs.dtype)
+    return w.detach(), {"is_weight_mean": _masked_mean(w, fmask).detach(),
+                        "is_capped_frac": _masked_mean(capped.to(fmask.dtype), fmask).detach()}
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from common.config import Config, weight_sync_mode
+from common.config import Config, torch_threads, weight_sync_mode
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def generator_kwargs(cfg: Config) -> dict[str, Any]:
     """
     g = cfg.generators
     return {
-        "dtype": cfg.model.dtype, "torch_threads": g.torch_threads, "backend": g.backend,
+        "dtype": cfg.model.dtype, "torch_threads": torch_threads(cfg)[0], "backend": g.backend,
         "kv_budget_tokens": g.kv_budget_tokens, "max_prefill_tokens": g.max_prefill_tokens,
         "keep_kv_across_versions": g.keep_kv_across_versions, "lean_forward": g.lean_forward,
         "cuda_graphs": g.cuda_graphs,

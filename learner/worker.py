@@ -21,7 +21,7 @@ import torch
 from common import metrics as M
 from learner.batch import EpisodeBatch, assemble
 from learner.credit import ESTIMATORS, broadcast_to_tokens
-from learner.losses import entropy_from_logits, policy_loss, token_logprobs
+from learner.losses import behaviour_weights, entropy_from_logits, policy_loss, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +145,12 @@ class LearnerWorker:
         self._num_seqs = float(len(batch)) / self.world
         self._max_len = float(batch.input_ids.shape[1])
         diags: list[dict[str, float]] = []
-        for _epoch in range(self.acfg["ppo_epochs"]):
+        prox: list[torch.Tensor] = []  # per micro-batch: log-probs at the weights the update starts from
+        for epoch in range(self.acfg["ppo_epochs"]):
             n_micro = 0
-            for lo in range(0, len(mine), self.micro):
+            for m, lo in enumerate(range(0, len(mine), self.micro)):
                 sl = slice(lo, lo + self.micro)
-                d = self._micro_step(mine.select(sl), mine_adv[sl], norm_tokens)
+                d = self._micro_step(mine.select(sl), mine_adv[sl], norm_tokens, prox, m, first_epoch=epoch == 0)
                 diags.append(d)
                 n_micro += 1
             for _ in range(n_micro, self.grad_accum):  # keep DeepSpeed's boundary in step with ours
@@ -160,6 +161,8 @@ class LearnerWorker:
         stats: dict[str, float] = {
             M.LOSS: out["loss"], M.KL: out["approx_kl"], M.KL_K3: out["approx_kl_k3"], M.CLIP_FRAC: out["clip_frac"],
             M.CLIP_FRAC_DUAL: out["clip_frac_dual"], M.RATIO_MAX: out["ratio_max"],
+            M.LOGPROB_GAP_MEAN: out["logprob_gap_mean"], M.LOGPROB_GAP_MAX: out["logprob_gap_max"],
+            M.IS_WEIGHT_MEAN: out["is_weight_mean"], M.IS_CAPPED_FRAC: out["is_capped_frac"],
             M.ENTROPY: out.get("entropy", 0.0), M.GRAD_NORM: self._reported_grad_norm(),
             M.LR: float(self.engine.get_lr()[0]), M.POLICY_VERSION: self.version, M.STEP: self.steps,
             M.TIME_ADVANTAGE: t_adv, M.TIME_UPDATE: time.time() - t0 - t_adv,
@@ -212,18 +215,36 @@ class LearnerWorker:
         logits = module.get_output_embeddings()(hidden[uniq])[inverse]  # [N, V]
         return logits, mb.input_ids[:, 1:].to(mask.device)[mask], mask
 
-    def _micro_step(self, mb: EpisodeBatch, adv: torch.Tensor, norm_tokens: float) -> dict[str, float]:
+    def _micro_step(self, mb: EpisodeBatch, adv: torch.Tensor, norm_tokens: float, prox: list[torch.Tensor],
+                    m: int, *, first_epoch: bool) -> dict[str, float]:
+        """Forward, loss and backward of micro-batch ``m``.
+
+        The proximal log-probs (the policy the update starts from) are this micro-batch's own log-probs in
+        the first epoch (no optimizer step has happened yet): recorded then, reused by later epochs. They are
+        the ratio's denominator with ``learner.recompute_old_logprobs`` or ``algorithm.off_policy`` tis /
+        decoupled (then with the behaviour -> proximal weights of ``losses.behaviour_weights``), else the
+        generator's behaviour log-probs are.
+        """
         logits, labels, mask = self._action_logits(mb)
         scaled = logits / self.temperature  # [N, V]
         lp_sel = token_logprobs(scaled[None], labels[None])[0]  # [N]
         logp = torch.zeros(mask.shape, dtype=lp_sel.dtype, device=lp_sel.device).masked_scatter(mask, lp_sel)
-        old = mb.behaviour_logprobs[:, 1:].to(logp.device)  # [b, T-1]
+        behaviour = mb.behaviour_logprobs[:, 1:].to(logp.device)  # [b, T-1]
+        if first_epoch:
+            prox.append(logp.detach())
+        gap = (prox[m] - behaviour).abs()[mask]  # [N] learner vs generator on the same tokens
+        mode = self.acfg["off_policy"]
+        old = prox[m] if mode != "none" or self.lcfg["recompute_old_logprobs"] else behaviour  # [b, T-1]
+        adv = adv[:, 1:].to(logp.device)  # [b, T-1]
+        weights, off_diag = behaviour_weights(prox[m], behaviour, mask, mode, self.acfg["is_cap"])
+        if mode != "none":
+            adv = adv * weights
         use_ent = self.acfg["entropy_coef"] != 0
         ent_sel = entropy_from_logits((scaled if use_ent else scaled.detach())[None])[0]  # [N]
         ent = torch.zeros(mask.shape, dtype=ent_sel.dtype, device=ent_sel.device).masked_scatter(mask, ent_sel)
         fmask = mask.float()
         loss, diag = policy_loss(
-            logp, old, adv[:, 1:].to(logp.device), fmask, entropy=ent if use_ent else None,
+            logp, old, adv, fmask, entropy=ent if use_ent else None,
             entropy_coef=self.acfg["entropy_coef"], clip_low=self.acfg["clip_low"],
             clip_high=self.acfg["clip_high"], clip_ratio_c=self.acfg["clip_ratio_c"],
             agg_mode=self.acfg["loss_agg"], norm_tokens=norm_tokens,
@@ -234,6 +255,9 @@ class LearnerWorker:
         d["loss"] = float(loss.detach())
         d["entropy"] = float(ent_sel.detach().mean()) if ent_sel.numel() else 0.0
         d["tokens"] = float(mask.sum())
+        d.update({k: float(v) for k, v in off_diag.items()})
+        d["logprob_gap_mean"] = float(gap.mean()) if gap.numel() else 0.0
+        d["logprob_gap_max"] = float(gap.max()) if gap.numel() else 0.0
         return d
 
     def _global_diags(self, diags: list[dict[str, float]]) -> dict[str, float]:
@@ -244,16 +268,19 @@ class LearnerWorker:
         and ``entropy`` are token-weighted means; ``ratio_max`` the largest ratio. Sums and the
         max go through all-reduces, so every rank must call this.
         """
-        keys = ("approx_kl", "approx_kl_k3", "clip_frac", "clip_frac_dual", "entropy")
+        keys = ("approx_kl", "approx_kl_k3", "clip_frac", "clip_frac_dual", "entropy", "is_weight_mean",
+                "is_capped_frac", "logprob_gap_mean")
+        maxima = ("ratio_max", "logprob_gap_max")
         vec = [sum(d["tokens"] for d in diags), sum(d["loss"] for d in diags)]
         vec += [sum(d.get(k, 0.0) * d["tokens"] for d in diags) for k in keys]
         t = torch.tensor(vec, dtype=torch.float64, device=self.engine.device)  # [2 + len(keys)]
-        top = torch.tensor([max((d.get("ratio_max", 0.0) for d in diags), default=0.0)], dtype=torch.float64,
-                           device=self.engine.device)  # [1]
+        top = torch.tensor([max((d.get(k, 0.0) for d in diags), default=0.0) for k in maxima], dtype=torch.float64,
+                           device=self.engine.device)  # [len(maxima)]
         if self.world > 1:
             torch.distributed.all_reduce(t)
             torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
-        out = {"loss": float(t[1]) / self.world / self.acfg["ppo_epochs"], "ratio_max": float(top[0])}
+        out = {"loss": float(t[1]) / self.world / self.acfg["ppo_epochs"]}
+        out.update({k: float(top[i]) for i, k in enumerate(maxima)})
         out.update({k: float(t[2 + i]) / max(float(t[0]), 1.0) for i, k in enumerate(keys)})
         return out
 

@@ -131,6 +131,24 @@ def test_group_copies_share_the_prompt_prefill(engine, tok):
         assert torch.allclose(torch.tensor(o.logprobs), ref, atol=1e-4)
 
 
+def test_later_turns_of_episodes_that_acted_alike_share_their_prefill(engine, tok):
+    """Turn 2 of episodes with identical histories (same first action, same observation), each continuing
+    its own cached session, is prefilled once; each still samples its own tokens with exact log-probs."""
+    prompt, obs = _prompts(tok)[0], _observations(tok)[1]
+    first = engine.generate_turns([Request(f"a{i}", prompt, GREEDY) for i in range(3)])  # greedy: same action
+    assert len({tuple(o.token_ids) for o in first}) == 1
+    history = prompt + first[0].token_ids + obs
+    before = engine.session_stats()["prefill_tokens"]
+    p = SamplingParams(temperature=1.0, max_new_tokens=6)
+    second = engine.generate_turns([Request(f"a{i}", history, p, seed=10 + i) for i in range(3)])
+    assert engine.session_stats()["prefill_tokens"] - before == 1 + len(obs)  # once for the three sessions
+    assert all(o.cached_tokens == len(history) - 1 - len(obs) for o in second)  # each reused its own cache
+    assert len({tuple(o.token_ids) for o in second}) > 1  # sampled independently
+    for o in second:
+        ref = _fresh_logprobs(engine.model, history, o.token_ids, 1.0)
+        assert torch.allclose(torch.tensor(o.logprobs), ref, atol=1e-4)
+
+
 def test_stop_strings_and_caps(engine, tok):
     prompt = _prompts(tok)[0]
     free = engine.generate_turns([Request("f", prompt, SamplingParams(max_new_tokens=16), seed=5)])[0]

@@ -100,3 +100,50 @@ def test_queue_section_configures_the_replay_queue():
     s = q.store
     assert (s.stale_mode, s.stale_decay, s.capacity_bytes, s.memory_bytes) == ("reweight", 0.25, 1000000, 5000)
     assert (s.capacity_rows, s.max_policy_lag, q.put_timeout_s) == (100000, 1, 3.0)
+
+
+def test_float_fields_accept_every_spelling_a_user_writes():
+    # YAML 1.1 reads 1e-6 (no dot) as a string; the paper writes the learning rate that way
+    for text, want in (("1e-6", 1e-6), ("1.0e-6", 1e-6), ("5E-4", 5e-4), (".5", 0.5), ("3", 3.0)):
+        cfg = load_config(None, [f"learner.lr={text}"])
+        assert cfg.learner.lr == pytest.approx(want) and isinstance(cfg.learner.lr, float)
+    with pytest.raises(ConfigError, match=r"`learner.lr`.*must be a number"):
+        load_config(None, ["learner.lr=fast"])
+    with pytest.raises(ConfigError, match=r"`learner.lr`.*finite"):
+        load_config(None, ["learner.lr=inf"])
+
+
+def test_push_every_is_checked_against_the_lag_bound():
+    load_config(None, ["learner.push_every=2", "queue.max_policy_lag=1"])  # sync: rows lag by at most 1
+    with pytest.raises(ConfigError, match=r"`learner.push_every` = 3.*queue.max_policy_lag = 1"):
+        load_config(None, ["learner.push_every=3", "queue.max_policy_lag=1"])
+    with pytest.raises(ConfigError, match=r"`learner.push_every` = 2.*rollout.mode async"):
+        load_config(None, ["rollout.mode=async", "learner.push_every=2", "queue.max_policy_lag=1"])
+    load_config(None, ["rollout.mode=async", "learner.push_every=2", "queue.max_policy_lag=2"])
+
+
+def test_off_policy_rules():
+    cfg = load_config(None, ["algorithm.off_policy=tis", "algorithm.is_cap=5"])
+    assert cfg.algorithm.off_policy == "tis" and cfg.algorithm.is_cap == 5.0
+    with pytest.raises(ConfigError, match=r"`algorithm.off_policy` = 'is'"):
+        load_config(None, ["algorithm.off_policy=is"])
+    with pytest.raises(ConfigError, match=r"`algorithm.is_cap`.*tis or decoupled only"):
+        load_config(None, ["algorithm.is_cap=5"])
+    with pytest.raises(ConfigError, match=r"`learner.recompute_old_logprobs`.*implied"):
+        load_config(None, ["algorithm.off_policy=decoupled", "learner.recompute_old_logprobs=true"])
+    with pytest.raises(ConfigError, match=r"`algorithm.clip_ratio_c`.*> 1"):
+        load_config(None, ["algorithm.clip_ratio_c=0.5"])
+    assert load_config(None, ["algorithm.clip_ratio_c=null"]).algorithm.clip_ratio_c is None
+    with pytest.raises(ConfigError, match=r"`learner.prefix_sharing`.*zero_stage <= 2"):
+        load_config(None, ["learner.zero_stage=3"])
+
+
+def test_torch_threads_auto_splits_the_cores_by_mode():
+    from common.config import torch_threads
+
+    assert torch_threads(load_config(None, []), cores=2) == (2, 2)  # sync: the roles take turns
+    assert torch_threads(load_config(None, ["rollout.mode=async"]), cores=2) == (1, 1)  # async: they overlap
+    assert torch_threads(load_config(None, ["rollout.mode=async", "generators.num=2"]), cores=16) == (4, 8)
+    assert torch_threads(load_config(None, ["generators.torch_threads=3"]), cores=2) == (3, 2)  # explicit wins
+    cluster = load_config(None, ["ray.address=auto", "generators.num_cpus=4", "learner.num_cpus=8"])
+    assert torch_threads(cluster, cores=2) == (4, 8)  # a cluster: what Ray reserved

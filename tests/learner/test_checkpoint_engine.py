@@ -20,6 +20,7 @@ from tests.learner.test_multirank import GROUPS, G, _free_port, _table
 
 def _ranks(ray, model_dir, world: int, zero_stage: int) -> list:
     cfg = load_config(None, [f"learner.zero_stage={zero_stage}", f"learner.num_ranks={world}",
+                             f"learner.prefix_sharing={str(zero_stage < 3).lower()}",
                              "learner.micro_batch_size=2", "learner.lr=0.01", "learner.warmup_steps=3",
                              "learner.torch_threads=1", f"algorithm.group_size={G}", f"algorithm.prompts_per_step={GROUPS}"])
     lc, a = cfg.learner, cfg.algorithm

@@ -388,3 +388,27 @@ def test_token_logprobs_float32_large_logits_stable() -> None:
     logits = torch.tensor([[[1000.0, 0.0, -1000.0]]])
     out = token_logprobs(logits, torch.tensor([[0]]))
     assert torch.isfinite(out).all() and abs(out.item()) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# behaviour_weights (off-policy correction)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_behaviour_weights_hand_worked() -> None:
+    from learner.losses import behaviour_weights
+
+    # w_raw = exp(prox - behaviour) = [0.5, 1, 1.5, 4] (token 4 masked out); cap 2
+    prox = t([[math.log(0.5), 0.0, math.log(1.5), math.log(4.0), 7.0]])
+    behaviour = torch.zeros_like(prox)
+    mask = t([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    w, d = behaviour_weights(prox, behaviour, mask, "tis", cap=2.0)
+    close(w, t([[0.5, 1.0, 1.5, 2.0, 0.0]]))  # truncated at the cap
+    close(d["is_weight_mean"], (0.5 + 1.0 + 1.5 + 2.0) / 4)
+    close(d["is_capped_frac"], 1 / 4)
+    w, d = behaviour_weights(prox, behaviour, mask, "decoupled", cap=2.0)
+    close(w, t([[0.5, 1.0, 1.5, 0.0, 0.0]]))  # dropped past the cap
+    w, _ = behaviour_weights(prox, behaviour, mask, "none")
+    close(w, mask)
+    with pytest.raises(ValueError, match="off-policy mode"):
+        behaviour_weights(prox, behaviour, mask, "bogus")

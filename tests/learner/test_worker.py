@@ -1,0 +1,99 @@
+"""The learner rank (learner/worker.py) on rows from a real rollout: on-policy sanity, the live off-policy knobs.
+
+Rows come from the real rollout worker and generator engine (in this process; a scripted env), the
+learner is a real DeepSpeed rank in a Ray actor. Right after a rollout, with the generator's own
+log-probs, the update starts exactly on-policy: ratio 1 and KL 0 up to float noise, at temperature 1
+and at 0.7 with top-p (the generator records the log-prob of the temperature-scaled *unfiltered*
+distribution, which is what the learner computes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+import pytest
+
+from actors.engine import SamplingParams
+from actors.generator import Generator
+from actors.rollout import RolloutWorker
+from common import metrics as M
+from common import schema as S
+from common.config import load_config
+from learner.worker import LearnerWorker
+from tests.actors.fakes import ListQueue, LocalHandle, ScriptedEnv
+from tests.learner.test_multirank import _free_port
+
+QUESTIONS, G = 3, 2
+
+
+def rollout_table(policy, temperature: float, top_p: float, seed: int) -> pa.Table:
+    gen = LocalHandle(Generator(str(policy), torch_threads=1))
+    queue = ListQueue()
+    worker = RolloutWorker(str(policy), [gen], [LocalHandle(ScriptedEnv(2))], LocalHandle(queue), run_id="t",
+                           max_tokens_per_turn=8, max_tokens_per_episode=200)
+    examples = [{"question": q} for q in ("Where is Karo Velmin from?", "Who is Karo?", "Born when?")]
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=8, seed=seed, stop=["</tool>"])
+    worker.run(examples, group_size=G, first_group_id=0, first_episode_id=0, params=params)
+    return pa.Table.from_batches(queue.batches)
+
+
+def learner(ray, policy, temperature: float, *overrides: str):
+    cfg = load_config(None, ["learner.micro_batch_size=2", "learner.lr=0.01", "learner.torch_threads=1",
+                             f"algorithm.group_size={G}", f"algorithm.prompts_per_step={QUESTIONS}", *overrides])
+    lc, a = cfg.learner, cfg.algorithm
+    return ray.remote(LearnerWorker).options(num_cpus=1).remote(
+        str(policy), learner={**vars(lc), "betas": list(lc.betas), "dtype": "float32"}, algorithm=vars(a),
+        temperature=temperature, batch_episodes=QUESTIONS * G, master_port=_free_port(), seed=0)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_first_update_is_on_policy_with_the_generators_logprobs(ray_local, tiny_policy, temperature, top_p):
+    ray = ray_local
+    table = rollout_table(tiny_policy, temperature, top_p, seed=11)
+    worker = learner(ray, tiny_policy, temperature)
+    try:
+        stats = ray.get(worker.train_step.remote(table))
+    finally:
+        ray.kill(worker)
+    assert stats[M.LOGPROB_GAP_MAX] < 1e-5  # the learner's log-probs are the generator's, token for token
+    assert abs(stats[M.KL]) < 1e-6 and abs(stats[M.KL_K3]) < 1e-6
+    assert abs(stats[M.RATIO_MAX] - 1.0) < 1e-5 and stats[M.CLIP_FRAC] == 0.0  # one epoch: no step in between
+    assert stats[M.IS_WEIGHT_MEAN] == pytest.approx(1.0)
+
+
+def _stale(table: pa.Table, shift: float) -> pa.Table:
+    """The same rows as if sampled by another policy (behaviour log-probs moved by ``shift`` nats, alternating),
+    with outcomes that differ inside each group (the scripted env scores every episode alike)."""
+    col = table.column(S.ACTION_LOGPROBS).to_pylist()
+    moved = [[x + (shift if (i + j) % 2 else -shift) for j, x in enumerate(lp)] for i, lp in enumerate(col)]
+    idx = table.schema.get_field_index(S.ACTION_LOGPROBS)
+    table = table.set_column(idx, S.ACTION_LOGPROBS, pa.array(moved, type=pa.list_(pa.float32())))
+    outcome = [float(e % 2) if last else 0.0 for e, last in zip(table.column(S.EPISODE_ID).to_pylist(),
+                                                              table.column(S.IS_LAST_TURN).to_pylist())]
+    idx = table.schema.get_field_index(S.OUTCOME_REWARD)
+    return table.set_column(idx, S.OUTCOME_REWARD, pa.array(outcome, type=pa.float32()))
+
+
+def test_off_policy_knobs_change_the_update(ray_local, tiny_policy):
+    """On stale rows (behaviour log-probs that are not the learner's), recompute_old_logprobs, tis and
+    decoupled each take a different step from the plain ratio against the generator's log-probs."""
+    ray = ray_local
+    table = _stale(rollout_table(tiny_policy, 1.0, 1.0, seed=5), shift=0.9)
+    results = {}
+    for name, extra in {"none": (), "recompute": ("learner.recompute_old_logprobs=true",),
+                        "tis": ("algorithm.off_policy=tis",), "decoupled": ("algorithm.off_policy=decoupled",)}.items():
+        worker = learner(ray, tiny_policy, 1.0, "algorithm.ppo_epochs=2", *extra)
+        try:
+            results[name] = ray.get(worker.train_step.remote(table))
+        finally:
+            ray.kill(worker)
+    none, rec, tis, dec = (results[k] for k in ("none", "recompute", "tis", "decoupled"))
+    assert none[M.LOGPROB_GAP_MEAN] == pytest.approx(0.9, abs=1e-4)  # the shift is what the learner sees
+    assert none[M.CLIP_FRAC] > 0.2 and rec[M.CLIP_FRAC] < none[M.CLIP_FRAC]  # ratio against its own log-probs
+    assert none[M.IS_WEIGHT_MEAN] == 1.0 and rec[M.IS_WEIGHT_MEAN] == 1.0
+    # w = e^{+-0.9} = 2.46 or 0.41: tis truncates the first half at 2, decoupled drops it
+    assert tis[M.IS_CAPPED_FRAC] == pytest.approx(dec[M.IS_CAPPED_FRAC]) and 0.3 < tis[M.IS_CAPPED_FRAC] < 0.7
+    assert tis[M.IS_WEIGHT_MEAN] > dec[M.IS_WEIGHT_MEAN] > 0
+    losses = [r[M.LOSS] for r in (none, rec, tis, dec)]
+    assert len({round(x, 9) for x in losses}) == 4 and all(math.isfinite(x) for x in losses)
