@@ -323,6 +323,7 @@ class LearnerConfig:
     num_gpus: float = 0.0  # Ray GPUs per learner rank
     torch_threads: int | None = None  # intra-op threads per learner rank; null: auto (see generators.torch_threads)
     push_every: int = 1  # push weights to the generators every k steps
+    lag_lr_scale: float = 0.5  # staleness-aware step: a step on rows whose oldest turn lags the learner by L versions uses lr * lag_lr_scale**L (async: L = 1); on-policy steps are unchanged; 1: off
     bucket_mb: int = 64  # weight-push bucket size in MiB
     weight_sync: str = "auto"  # how weights reach the generators: object_store (Ray, any hardware) | broadcast (torch.distributed from rank 0: NCCL when learner and generators have GPUs, else gloo) | auto (broadcast on GPUs, object_store otherwise)
     recompute_old_logprobs: bool = False  # PPO ratio against the learner's own log-probs of the sampled tokens at the start of the update (taken in the first epoch's forward: no extra pass) instead of the generator's; implied by algorithm.off_policy tis/decoupled
@@ -344,6 +345,8 @@ class LearnerConfig:
             _fail(f"{p}.num_ranks", self.num_ranks, "must be >= 1")
         if self.push_every < 1:
             _fail(f"{p}.push_every", self.push_every, "must be >= 1")
+        if not 0 < self.lag_lr_scale <= 1:
+            _fail(f"{p}.lag_lr_scale", self.lag_lr_scale, "must be in (0, 1] (1: the same step size at any lag)")
         if self.warmup_steps < 0:
             _fail(f"{p}.warmup_steps", self.warmup_steps, "must be >= 0")
         if self.bucket_mb < 1:

@@ -121,6 +121,7 @@ class LearnerWorker:
                                  "prefix forward mirrors Qwen2/Llama decoders only (set it to false)")
             self._packed = PackedForward()
         self.tokens_processed = 0.0  # tokens the last step's forwards ran over (perf/learner/tokens)
+        self._lr_factor = 1.0  # learning-rate factor of the current step (learner.lag_lr_scale ** batch lag)
 
     # -- one training step -------------------------------------------------------------
     def train_step(self, table: pa.Table) -> dict[str, float]:
@@ -130,6 +131,9 @@ class LearnerWorker:
         t0 = time.time()
         batch = assemble(table, self.pad_id)
         self.tokens_processed = 0.0
+        lag = max(0, self.version - int(batch.versions[batch.turn_mask].min()))  # the batch's oldest turn
+        self._lr_factor = float(self.lcfg["lag_lr_scale"]) ** lag  # staleness-aware step (learner.lag_lr_scale)
+        self._stepped_lr = float(self.engine.get_lr()[0])
         hp = {"turn_coef": self.acfg["turn_coef"], "outcome_coef": self.acfg["outcome_coef"],
               "gamma": self.acfg["gamma"], "eps": self.acfg["eps"]}
         turn_adv = compute_turn_advantages(batch, self.acfg["advantage"], hp)  # [B, K]
@@ -164,7 +168,7 @@ class LearnerWorker:
             M.LOGPROB_GAP_MEAN: out["logprob_gap_mean"], M.LOGPROB_GAP_MAX: out["logprob_gap_max"],
             M.IS_WEIGHT_MEAN: out["is_weight_mean"], M.IS_CAPPED_FRAC: out["is_capped_frac"],
             M.ENTROPY: out.get("entropy", 0.0), M.GRAD_NORM: self._reported_grad_norm(),
-            M.LR: float(self.engine.get_lr()[0]), M.POLICY_VERSION: self.version, M.STEP: self.steps,
+            M.LR: self._stepped_lr, M.POLICY_VERSION: self.version, M.STEP: self.steps,
             M.TIME_ADVANTAGE: t_adv, M.TIME_UPDATE: time.time() - t0 - t_adv,
             M.LEARNER_TOKENS: self.tokens_processed / self.acfg["ppo_epochs"],
             M.LEARNER_UNIQUE_TOKENS: float(distinct_tokens(mine)),
@@ -291,10 +295,22 @@ class LearnerWorker:
         DeepSpeed keeps no global norm for a plain fp32 torch optimizer, so take it here
         (before clipping, as DeepSpeed reports it under ZeRO-1/2/3).
         """
-        if self.lcfg.get("zero_stage", 0) == 0 and self.engine.is_gradient_accumulation_boundary():
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        if self.lcfg.get("zero_stage", 0) == 0 and boundary:
             sq = [p.grad.detach().float().pow(2).sum() for p in self.engine.module.parameters() if p.grad is not None]
             self._grad_norm = float(torch.stack(sq).sum().sqrt()) if sq else 0.0
+        if not boundary or self._lr_factor == 1.0:
+            self.engine.step()
+            return
+        groups = self.engine.optimizer.param_groups
+        base = [g["lr"] for g in groups]  # this step's learning rate (the warmup schedule's, if any)
+        for g, lr in zip(groups, base):
+            g["lr"] = lr * self._lr_factor
+        self._stepped_lr = groups[0]["lr"]
         self.engine.step()
+        if self.scheduler is None:  # a schedule sets the next step's rate itself; else put the base rate back
+            for g, lr in zip(groups, base):
+                g["lr"] = lr
 
     def _reported_grad_norm(self) -> float:
         """DeepSpeed's global gradient norm of the last optimizer step, else the one taken in ``_engine_step``."""

@@ -97,3 +97,20 @@ def test_off_policy_knobs_change_the_update(ray_local, tiny_policy):
     assert tis[M.IS_WEIGHT_MEAN] > dec[M.IS_WEIGHT_MEAN] > 0
     losses = [r[M.LOSS] for r in (none, rec, tis, dec)]
     assert len({round(x, 9) for x in losses}) == 4 and all(math.isfinite(x) for x in losses)
+
+
+def test_lag_lr_scale_shrinks_the_step_on_stale_rows(ray_local, tiny_policy):
+    """learner.lag_lr_scale: a batch whose oldest turn is L versions behind steps with lr * scale**L."""
+    ray = ray_local
+    table = rollout_table(tiny_policy, 1.0, 1.0, seed=7)  # version 0 rows
+    lrs = {}
+    for scale in (1.0, 0.5):
+        worker = learner(ray, tiny_policy, 1.0, f"learner.lag_lr_scale={scale}")
+        try:
+            fresh = ray.get(worker.train_step.remote(table))  # learner at version 0: lag 0
+            stale = ray.get(worker.train_step.remote(table))  # learner at version 1: the same rows lag by 1
+        finally:
+            ray.kill(worker)
+        assert fresh[M.LR] == pytest.approx(0.01)
+        lrs[scale] = stale[M.LR]
+    assert lrs == {1.0: pytest.approx(0.01), 0.5: pytest.approx(0.005)}
