@@ -81,6 +81,14 @@ ROWS: list[tuple[str, list[Panel]]] = [
               "ratio was clipped (left axis); mean token entropy of the policy (right axis).",
               [turnrl(M.KL, "KL"), turnrl(M.CLIP_FRAC, "clip fraction"), turnrl(M.ENTROPY, "entropy")],
               right_axis=["entropy"]),
+        Panel("Off-policy: ratios and log-prob gap",
+              "How far the rows trained on are from the learner: the largest PPO ratio of the step, the share of "
+              "tokens the dual clip capped (algorithm.clip_ratio_c), the k3 KL, and the mean |learner - "
+              "generator| log-prob of the sampled tokens before the update (numerics on-policy; plus one step of "
+              "policy change at lag 1). Ratios in the tens with a rising k3 KL: the steps are too large for the lag.",
+              [turnrl(M.RATIO_MAX, "ratio max"), turnrl(M.CLIP_FRAC_DUAL, "dual-clip fraction"),
+               turnrl(M.KL_K3, "KL (k3)"), turnrl(M.LOGPROB_GAP_MEAN, "log-prob gap")],
+              right_axis=["ratio max"]),
         Panel("Loss, gradient norm, learning rate",
               "Policy loss of the step (token-mean over the whole batch), global gradient norm before "
               "clipping (left axis) and the learning rate (right axis).",
@@ -102,6 +110,12 @@ ROWS: list[tuple[str, list[Panel]]] = [
               [turnrl(M.TIME_ROLLOUT, "rollout"), turnrl(M.TIME_ADVANTAGE, "advantages"),
                turnrl(M.TIME_UPDATE, "update"), turnrl(M.TIME_SYNC, "weight push"), turnrl(M.TIME_STEP, "step")],
               unit="s", min=0),
+        Panel("Learner work",
+              "Token positions the learner's forward passes ran over per step (padding included; with "
+              "learner.prefix_sharing each distinct prefix of a micro-batch once) against the batch's distinct "
+              "(prefix, token) positions, the least any forward needs.",
+              [turnrl(M.LEARNER_TOKENS, "tokens processed"), turnrl(M.LEARNER_UNIQUE_TOKENS, "distinct tokens")],
+              min=0),
         Panel("Queue depth",
               "Replay queue contents: turns held, complete groups waiting for the learner, incomplete groups "
               "whose episodes are still running.",
