@@ -140,8 +140,9 @@ class LearnerWorker:
         token_adv = broadcast_to_tokens(turn_adv, batch.token_turn, batch.action_mask)  # [B, T]
         token_adv = token_adv * batch.staleness_weights[:, None]  # [B, T] stale groups count less (queue "reweight")
         t_adv = time.time() - t0
-        # this rank's share of the episodes (data parallel)
-        idx = torch.arange(len(batch))[self.rank::self.world]
+        # this rank's share of the episodes (data parallel): a contiguous block, so a group's episodes stay on
+        # one rank and share their prompt's forward (learner.prefix_sharing)
+        idx = torch.tensor_split(torch.arange(len(batch)), self.world)[self.rank]
         mine = batch.select(idx)
         mine_adv = token_adv[idx]
         # global normaliser: action tokens of the whole batch (all ranks), labels are shifted by one

@@ -1,7 +1,7 @@
 """A 2-rank DeepSpeed learner (gloo on CPU, one Ray actor per rank) equals a 1-rank learner.
 
 Same tiny policy, same hand-built Arrow table of complete groups, same global batch. Each
-rank trains on its shard ``idx[rank::world]`` with the loss normalised by the global token
+rank trains on its contiguous shard of the episodes with the loss normalised by the global token
 count, so after DeepSpeed's gradient all-reduce (an average over ranks) the gradients, the
 update and the diagnostics must equal those of one rank that sees the whole batch.
 
