@@ -71,7 +71,7 @@ def run_turnrl(cfg, mode: str, steps: int, warmup: int) -> None:
                 stats[M.TIME_SYNC] = trainer.sync_phase()
             dt = time.perf_counter() - t0
             if step > warmup:
-                print(json.dumps({"step_s": dt, "rollout_s": stats.get(M.TIME_ROLLOUT, float("nan")),
+                print("STEP", json.dumps({"step_s": dt, "rollout_s": stats.get(M.TIME_ROLLOUT, float("nan")),
                                   "update_s": stats[M.TIME_UPDATE] + stats[M.TIME_ADVANTAGE],
                                   "tokens": stats[M.LEARNER_TOKENS], "unique_tokens": stats[M.LEARNER_UNIQUE_TOKENS],
                                   "reward": stats[M.REWARD_TOTAL]}), flush=True)
@@ -131,7 +131,7 @@ def main() -> None:
             if proc.returncode != 0:
                 sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
                 raise SystemExit(f"{system} failed (exit {proc.returncode})")
-            got = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+            got = [json.loads(line[5:]) for line in proc.stdout.splitlines() if line.startswith("STEP {")]
             rows[system] += got
             print(f"round {r} {system:<13} {len(got)} steps, median step "
                   f"{statistics.median(x['step_s'] for x in got):.2f} s ({time.perf_counter() - t0:.0f} s with start-up)",

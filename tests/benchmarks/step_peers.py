@@ -14,7 +14,7 @@ strings, and the same rewards. What differs is how they generate and train:
   TRL computes episode-level GRPO advantages; the work per step (tokens generated and trained) is the
   same as turnrl's.
 
-Each prints one JSON line per timed step: ``{"step_s", "rollout_s", "update_s"}``.
+Each prints one line per timed step, `STEP` and a JSON object: ``{"step_s", "rollout_s", "update_s"}``.
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def run_plain(cfg, steps: int, warmup: int) -> None:
         opt.zero_grad(set_to_none=True)
         t2 = time.perf_counter()
         if step >= warmup:
-            print(json.dumps({"step_s": t2 - t0, "rollout_s": rollout_s, "update_s": t2 - t1,
+            print("STEP", json.dumps({"step_s": t2 - t0, "rollout_s": rollout_s, "update_s": t2 - t1,
                               "reward": sum(sum(e.turn_rewards) + e.outcome for e in eps) / len(eps)}), flush=True)
 
 
@@ -262,7 +262,7 @@ def run_trl(cfg, steps: int, warmup: int) -> None:
         def on_step_end(self, args, state, control, **kw):
             dt = time.perf_counter() - self.t0
             if state.global_step > warmup:
-                print(json.dumps({"step_s": dt, "rollout_s": timing["rollout_s"],
+                print("STEP", json.dumps({"step_s": dt, "rollout_s": timing["rollout_s"],
                                   "update_s": dt - timing["rollout_s"]}), flush=True)
 
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": q["question"]}]} for q in questions])
