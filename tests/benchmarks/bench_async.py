@@ -1,8 +1,9 @@
 """End-to-end training throughput, asynchronous vs synchronous actor-learner mode, same run.
 
-One ``learner.driver.Trainer`` (generator, env worker, replay queue, rollout worker, DeepSpeed
-learner on CPU) is built from the embedded config (``deploy/configs/local.yaml``, warm-start
-policy, demo data) with the batch shrunk by ``--prompts`` / ``--group-size``. Each round runs
+A ``learner.driver.Trainer`` per mode (generator, env worker, replay queue, rollout worker, DeepSpeed
+learner on CPU; each mode's own torch threads, see ``common.config.torch_threads``) is built from the
+embedded config (``deploy/configs/local.yaml``, warm-start policy, demo data) with the batch set by
+``--prompts`` / ``--group-size``. Each round runs
 ``--steps`` timed training steps in synchronous mode (rollout -> update -> weight push, the
 driver's loop) and then in asynchronous mode (``learner.async_loop.AsyncLoop``: generation
 continues while the learner trains, lag <= ``queue.max_policy_lag``). Before its timed steps,
@@ -15,7 +16,7 @@ are steady-state. Modes alternate for ``--repeats`` rounds. Figures are medians 
 * the largest policy lag of any trained batch (async: <= max_policy_lag).
 
 The same comparison then runs with a slower environment, ``env.step_latency_s`` (seconds added
-to every env step call, a stand-in for a slow tool API) = ``--env-latency``, on a second Trainer.
+to every env step call, a stand-in for a slow tool API) = ``--env-latency``, on a second pair of Trainers.
 
     .venv/bin/python tests/benchmarks/bench_async.py [--prompts 8 --group-size 8 --steps 4 --repeats 2]
 
@@ -95,27 +96,29 @@ def run_mode(trainer, mode: str, steps: int, warmup: int, first_step: int) -> di
             "aborted": float(aborted0 if loop is not None else 0), "mixed_trained": float(mixed[0])}
 
 
-def compare(cfg, args: argparse.Namespace, label: str) -> dict[str, dict[str, float]]:
-    """Alternate sync and async rounds on one Trainer; medians per mode."""
+def compare(cfgs: dict, args: argparse.Namespace, label: str) -> dict[str, dict[str, float]]:
+    """Alternate sync and async rounds, each mode on a Trainer of its own config (its own torch threads:
+    ``torch_threads: null`` gives each role every core in sync mode, half of them in async); medians per mode."""
     from env_workers.prepare import prepare_data
     from learner.driver import Trainer
 
-    run_dir = Path(tempfile.mkdtemp(prefix="turnrl-bench-async-"))
-    trainer = Trainer(cfg, run_dir, prepare_data(cfg.data))
+    trainers = {mode: Trainer(cfg, Path(tempfile.mkdtemp(prefix=f"turnrl-bench-{mode}-")), prepare_data(cfg.data))
+                for mode, cfg in cfgs.items()}
     results: dict[str, list[dict[str, float]]] = {"sync": [], "async": []}
-    step = 1
+    step = {mode: 1 for mode in results}
     try:
         for r in range(args.repeats):
             for mode in results:
-                res = run_mode(trainer, mode, args.steps, args.warmup, step)
-                step += args.steps + args.warmup
+                res = run_mode(trainers[mode], mode, args.steps, args.warmup, step[mode])
+                step[mode] += args.steps + args.warmup
                 results[mode].append(res)
                 log.info("%s round %d %-5s %6.2f episodes/s  %5.3f steps/s  learner idle %4.2f  max lag %d  "
                          "stale groups dropped %d  episodes aborted %d  mixed-version episodes trained %d  (%.1f s)",
                          label, r, mode, res["episodes_per_s"], res["steps_per_s"], res["idle"], res["lag_max"],
                          res["stale_dropped"], res["aborted"], res["mixed_trained"], res["wall_s"])
     finally:
-        trainer.close()
+        for trainer in trainers.values():
+            trainer.close()
     return {mode: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for mode, rs in results.items()}
 
 
@@ -137,14 +140,19 @@ def main() -> None:
 
     base = [f"algorithm.prompts_per_step={args.prompts}", f"algorithm.group_size={args.group_size}",
             f"learner.micro_batch_size={min(64, args.prompts * args.group_size)}", "metrics.enabled=false",
-            "rollout.mode=async", *args.overrides]
-    cfg = load_config(args.config, base)
-    ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False,
+            *args.overrides]
+
+    def configs(*extra: str) -> dict:
+        return {mode: load_config(args.config, base + [f"rollout.mode={mode}", *extra]) for mode in ("sync", "async")}
+
+    cfg = configs()["async"]
+    # two Trainers live at once (one per mode): logical CPUs for both sets of actors (they never compute at once)
+    ray.init(num_cpus=2 * (cfg.ray.num_cpus or os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
                                        "PYTHONPATH": str(REPO)}})
-    table = {"embedded": compare(cfg, args, "embedded")}
+    table = {"embedded": compare(configs(), args, "embedded")}
     slow = f"env latency {args.env_latency:g} s"
-    table[slow] = compare(load_config(args.config, base + [f"env.step_latency_s={args.env_latency}"]), args, slow)
+    table[slow] = compare(configs(f"env.step_latency_s={args.env_latency}"), args, slow)
     ray.shutdown()
     print(f"{args.prompts} prompts x G={args.group_size} per step, {args.steps} timed steps per mode and round, "
           f"{args.repeats} rounds, max_policy_lag={cfg.queue.max_policy_lag}; medians")
