@@ -42,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +113,7 @@ class RolloutWorker:
         self._by_id: dict[str, _Episode] = {}
         self._armed: list[tuple[str, int]] = []  # fault injection (arm_kill)
         self._runs = 0
+        self._instance = uuid.uuid4().hex[:12]  # sessions on shared generators never collide with another worker's
 
     def ping(self) -> bool:
         return True
@@ -154,7 +156,7 @@ class RolloutWorker:
         self._reused = self._prefilled = 0
         self._reset(episodes)
         self._runs += 1
-        self._session_prefix = f"{self.run_id}/{self._runs}/{stable_hash(time.time_ns()) & 0xFFFFFFFF:08x}"
+        self._session_prefix = f"{self.run_id}/{self._instance}/{self._runs}"  # unique across workers and restarts
         rows_sent, action_tokens, call = 0, 0, 0
         if self.streaming:
             rows_sent, action_tokens = self._run_streaming(episodes, params, to_queue)

@@ -76,6 +76,9 @@ class Config:
         if self.rollout.mode == "async" and self.queue.max_policy_lag < 1:
             _fail("queue.max_policy_lag", self.queue.max_policy_lag,
                   "must be >= 1 with rollout.mode async (0 leaves generation no room to run ahead: use mode sync)")
+        if self.rollout.num_workers > self.queue.max_policy_lag + 1:
+            _fail("rollout.num_workers", self.rollout.num_workers, f"at most queue.max_policy_lag + 1 = "
+                  f"{self.queue.max_policy_lag + 1} rollout calls are out at once; more workers would stay idle")
         ahead = 1 if self.rollout.mode == "async" else 0  # async generation runs a step ahead of the learner
         if self.learner.push_every - 1 + ahead > self.queue.max_policy_lag:
             _fail("learner.push_every", self.learner.push_every,

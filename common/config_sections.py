@@ -245,6 +245,7 @@ class RolloutConfig:
     get_timeout_s: float = 600.0  # async: the learner fails if no batch of complete groups arrives within this many seconds
     partial_rollouts: str = "finish"  # a weight push mid-episode: finish (its later turns run on the new weights, each turn keeps its version) | abort (the episode restarts from its prompt on the new weights; its rows reach the queue only once it ends)
     max_aborts_per_episode: int = 2  # abort: after this many restarts an episode finishes on mixed versions (counted), so frequent pushes cannot starve it
+    num_workers: int = 1  # async: rollout-worker actors, so up to this many rollout calls (a step's prompts each) run at once within the lag budget; helps when env steps are slow (their waits overlap)
 
     def validate(self, p: str) -> None:
         if self.mode not in ("sync", "async"):
@@ -257,6 +258,11 @@ class RolloutConfig:
             _fail(f"{p}.max_restarts", self.max_restarts, "must be >= 0")
         if self.get_timeout_s <= 0:
             _fail(f"{p}.get_timeout_s", self.get_timeout_s, "must be > 0")
+        if self.num_workers < 1:
+            _fail(f"{p}.num_workers", self.num_workers, "must be >= 1")
+        if self.num_workers > 1 and self.mode != "async":
+            _fail(f"{p}.num_workers", self.num_workers, "applies to rollout.mode async (sync runs one rollout call per "
+                  "step); use 1")
 
 
 @dataclass

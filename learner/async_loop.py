@@ -6,9 +6,10 @@
     sync    <- push the new weights to the generators                (turn boundaries)
     submit  <- more prompts, now that the learner has used a step's worth
 
-The rollout worker is a Ray actor that runs one ``run`` call (one step's prompts) at a time; the
+A rollout worker is a Ray actor that runs one ``run`` call (one step's prompts) at a time; the
 next call already waits in its mailbox, so it starts generating the moment the previous one ends,
-while the learner trains. How far generation runs ahead is bounded by ``queue.max_policy_lag`` = L:
+while the learner trains. With ``rollout.num_workers`` > 1 calls go to the least busy worker and run
+at once (their env waits overlap; the generators serve both). How far generation runs ahead is bounded by ``queue.max_policy_lag`` = L:
 at most L + 1 steps' worth of groups are out at once (handed to the rollout worker and not finished,
 or finished and waiting in the queue), so a group sampled while the learner is at version v is
 normally trained by version v + L. This budget only avoids wasted work. The bound is enforced by
@@ -68,6 +69,7 @@ class _Call:
     ref: Any  # ray.ObjectRef of the result
     group_ids: list[int]
     questions: list[dict]
+    worker: int = 0  # index into trainer.rollouts
 
 
 class AsyncLoop:
@@ -123,15 +125,19 @@ class AsyncLoop:
         return made
 
     def _submit(self, questions: list[dict]) -> None:
+        """One rollout call for ``questions`` on the rollout worker with the fewest calls out
+        (``rollout.num_workers``: calls on different workers run at once)."""
         t = self.trainer
         self._step += 1
         first = t.group_counter
-        ref = t.rollout.run.remote(
+        busy = [sum(c.worker == w for c in self.calls) for w in range(len(t.rollouts))]
+        worker = busy.index(min(busy))
+        ref = t.rollouts[worker].run.remote(
             questions, group_size=t.cfg.algorithm.group_size, first_group_id=first,
             first_episode_id=t.episode_counter, params=t.sampling(seed=t.cfg.run.seed * 1_000_003 + self._step))
         t.group_counter += len(questions)
         t.episode_counter += len(questions) * t.cfg.algorithm.group_size
-        self.calls.append(_Call(ref, list(range(first, first + len(questions))), questions))
+        self.calls.append(_Call(ref, list(range(first, first + len(questions))), questions, worker))
         self.untrained.update(self.calls[-1].group_ids)
 
     def collect(self) -> None:
@@ -154,15 +160,15 @@ class AsyncLoop:
                 log.warning("rollout call for groups %d..%d lost (%s); aborted %d rows, running its %d prompts "
                             "again", call.group_ids[0], call.group_ids[-1], type(e).__name__, rows,
                             len(call.questions))
-                self.wait_for_rollout_worker()
+                self.wait_for_rollout_worker(call.worker)
                 self._submit(call.questions)
 
-    def wait_for_rollout_worker(self) -> None:
+    def wait_for_rollout_worker(self, worker: int = 0) -> None:
         """Block until the (restarting) rollout worker answers; RuntimeError after ``restart_wait_s``."""
         deadline = time.time() + self.restart_wait_s
         while True:
             try:
-                ray.get(self.trainer.rollout.ping.remote(), timeout=10.0)
+                ray.get(self.trainer.rollouts[worker].ping.remote(), timeout=10.0)
                 return
             except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError) as e:
                 if time.time() > deadline:

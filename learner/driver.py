@@ -147,9 +147,12 @@ class Trainer:
             for _ in range(cfg.env.num_workers)
         ]
         self.queue = ray.remote(ReplayQueue).options(num_cpus=0).remote(**cfg.queue.queue_kwargs())
-        self.rollout = ray.remote(RolloutWorker).options(num_cpus=0, max_restarts=cfg.rollout.max_restarts).remote(
-            model_path, self.generators, self.env_workers, self.queue, run_id=run_dir.name,
-            env_restart_wait_s=cfg.faults.restart_wait_s, **rollout_kwargs(cfg))
+        self.rollouts = [  # rollout.num_workers (async): that many rollout calls may run at once
+            ray.remote(RolloutWorker).options(num_cpus=0, max_restarts=cfg.rollout.max_restarts).remote(
+                model_path, self.generators, self.env_workers, self.queue, run_id=run_dir.name,
+                env_restart_wait_s=cfg.faults.restart_wait_s, **rollout_kwargs(cfg))
+            for i in range(cfg.rollout.num_workers)]
+        self.rollout = self.rollouts[0]  # sync steps, evaluation and fault injection
         a, lc = cfg.algorithm, cfg.learner
         master_addr, port = self.placement.rendezvous()
         self.learners = [
@@ -165,7 +168,7 @@ class Trainer:
         ray.get([x.get_version.remote() for x in self.learners])
         self.weight_sync = make_weight_sync(cfg, self.learners, self.generators, self.weight_store)  # learner.weight_sync
         self.restarts = RestartCounter({"generator": self.generators, "env_worker": self.env_workers,
-                                        "learner": self.learners, "rollout": [self.rollout], "queue": [self.queue]})
+                                        "learner": self.learners, "rollout": self.rollouts, "queue": [self.queue]})
         self.version = 0
         self.episode_counter = 0
         self.group_counter = 0
@@ -222,7 +225,7 @@ class Trainer:
         """Kill this run's actors and free its placement group; Ray itself stays up for the next run."""
         import ray
 
-        for handle in [self.rollout, *self.generators, *self.env_workers, *self.learners, self.queue,
+        for handle in [*self.rollouts, *self.generators, *self.env_workers, *self.learners, self.queue,
                        self.weight_store]:
             try:
                 ray.kill(handle, no_restart=True)

@@ -132,6 +132,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="rounds (sync then async)")
     ap.add_argument("--env-latency", type=float, default=4.0,
                     help="env.step_latency_s of the slow-env comparison (two env calls per step at max_turns 2)")
+    ap.add_argument("--async-workers", type=int, default=1, help="rollout.num_workers of the async mode")
     ap.add_argument("overrides", nargs="*", help="extra config overrides, key=value")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -143,7 +144,9 @@ def main() -> None:
             *args.overrides]
 
     def configs(*extra: str) -> dict:
-        return {mode: load_config(args.config, base + [f"rollout.mode={mode}", *extra]) for mode in ("sync", "async")}
+        workers = {"sync": [], "async": [f"rollout.num_workers={args.async_workers}"]}
+        return {mode: load_config(args.config, base + [f"rollout.mode={mode}", *workers[mode], *extra])
+                for mode in ("sync", "async")}
 
     cfg = configs()["async"]
     # two Trainers live at once (one per mode): logical CPUs for both sets of actors (they never compute at once)
@@ -155,7 +158,8 @@ def main() -> None:
     table[slow] = compare(configs(f"env.step_latency_s={args.env_latency}"), args, slow)
     ray.shutdown()
     print(f"{args.prompts} prompts x G={args.group_size} per step, {args.steps} timed steps per mode and round, "
-          f"{args.repeats} rounds, max_policy_lag={cfg.queue.max_policy_lag}; medians")
+          f"{args.repeats} rounds, max_policy_lag={cfg.queue.max_policy_lag}, async rollout workers "
+          f"{args.async_workers}; medians")
     print(f"{'config':<22}{'mode':<7}{'episodes/s':>11}{'steps/s':>9}{'learner idle':>14}{'max lag':>9}"
           f"{'stale dropped':>15}{'aborted':>9}{'mixed trained':>15}")
     for name, modes in table.items():

@@ -120,6 +120,7 @@ class SimTrainer:
         from learner.faults import EpisodeAudit
 
         self.cfg, self.queue, self.rollout, self.weights = cfg, queue, rollout, weights
+        self.rollouts = [rollout]
         self.audit = EpisodeAudit()
         self.sampler = QuestionSampler([{"question": f"q{i}", "answers": ["a"]} for i in range(40)], seed=0)
         self.version = self.group_counter = self.episode_counter = 0
@@ -284,3 +285,42 @@ def test_async_learner_sees_the_rows_produced_with_their_own_logprobs_and_versio
     # the generation figures come from rollout calls that finished during the step, never carried over
     reported = [s for s in steps if M.TIME_ROLLOUT in s]
     assert reported and len({s[M.TIME_ROLLOUT] for s in reported}) == len(reported)
+
+
+def test_two_rollout_workers_run_calls_at_once_within_the_lag_bound(ray_local):
+    """rollout.num_workers = 2: the loop's two calls of the lag budget go to different workers and run at
+    the same time; every trained group is complete, within the bound, and trained once."""
+    import ray
+
+    from common.replay_queue import ReplayQueue
+    from learner.async_loop import AsyncLoop
+
+    cfg = load_config(REPO / "deploy/configs/local.yaml", [
+        "rollout.mode=async", "rollout.num_workers=2", f"queue.max_policy_lag={LAG}",
+        f"algorithm.prompts_per_step={PROMPTS}", f"algorithm.group_size={G}", f"learner.micro_batch_size={G}"])
+    queue = ray.remote(ReplayQueue).options(num_cpus=0).remote(**cfg.queue.queue_kwargs())
+    weights = ray.remote(Weights).options(num_cpus=0).remote()
+    workers = [ray.remote(SimRollout).options(num_cpus=0).remote(queue, weights, s) for s in (0, 1)]
+    trainer = SimTrainer(cfg, queue, workers[0], weights)
+    trainer.rollouts = workers
+    loop = AsyncLoop(trainer, poll_s=0.1)
+    overlapped = []
+    try:
+        for step in range(1, 6):
+            loop.top_up()
+            overlapped.append({c.worker for c in loop.calls})
+            loop.step(step)
+        loop.close()
+    finally:
+        for actor in (queue, weights, *workers):
+            ray.kill(actor)
+    assert {0, 1} in overlapped  # both workers had a call out at the same time
+    lags = check_trained(trainer.trained)
+    assert len(lags) == 5 and max(lags) <= LAG and trainer.audit.duplicates == 0
+
+
+def test_rollout_workers_config_rules():
+    with pytest.raises(ConfigError, match=r"`rollout.num_workers` = 2.*rollout.mode async"):
+        load_config(REPO / "deploy/configs/local.yaml", ["rollout.num_workers=2"])
+    with pytest.raises(ConfigError, match=r"`rollout.num_workers` = 3.*max_policy_lag \+ 1 = 2"):
+        load_config(REPO / "deploy/configs/local.yaml", ["rollout.mode=async", "rollout.num_workers=3"])
