@@ -304,7 +304,7 @@ class RolloutWorker:
             e.tokens += out.token_ids + obs_ids
             e.messages = e.messages + [{"role": "assistant", "content": action},
                                        {"role": "user", "content": obs_text}]
-            e.state_hash = stable_hash(res.observation_text)
+            e.state_hash = stable_hash((e.state_hash, res.observation_text))  # the prompt and every observation so far
             e.turn += 1
         if self.partial_rollouts == "finish":
             return [row]

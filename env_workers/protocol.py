@@ -172,8 +172,8 @@ def _check_query(query: object, max_query_chars: int) -> tuple[str | None, str |
     if _has_bad_chars(query):
         return None, "query contains control or binary characters"
     clean = " ".join(query.split())
-    if not clean:
-        return None, "query is empty"
+    if not any(unicodedata.category(ch)[0] in "LNPS" for ch in clean):  # letters, digits, punctuation, symbols
+        return None, "query is empty"  # also when it has no visible character (e.g. only U+202E or U+200B)
     if len(clean) > max_query_chars:
         return None, f"query is too long ({len(clean)} characters, limit {max_query_chars})"
     return clean, None

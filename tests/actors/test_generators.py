@@ -301,3 +301,22 @@ def test_partial_rollouts_after_a_push_mid_episode(cluster, local, mode, streami
         assert res["mixed_version_episodes"] == 0
         assert all(v == [base + 1] * 3 for v in versions.values())
     assert sum(s["sessions"] for s in ray.get([g.stats.remote() for g in cluster["gens"]])) == 0
+
+
+def test_state_hash_covers_the_observation_history(cluster):
+    """schema.STATE_HASH is the hash of the prompt and every observation before the turn: rows of different
+    prompts that saw the same last observation are different states (GiGPO groups only equal histories)."""
+    _, rows, _ = _rollout(cluster, session_kv=True)
+    by_obs: dict = {}
+    for r in rows:
+        if r[S.TURN_INDEX] == 0:
+            continue
+        prev = next(p for p in rows if p[S.EPISODE_ID] == r[S.EPISODE_ID] and p[S.TURN_INDEX] == r[S.TURN_INDEX] - 1)
+        by_obs.setdefault(tuple(prev[S.OBSERVATION_TOKEN_IDS]), []).append(r)
+    pairs = [(a, b) for rs in by_obs.values() for a in rs for b in rs if a[S.GROUP_ID] < b[S.GROUP_ID]]
+    assert pairs, "no two prompts saw the same observation: the check would be vacuous"
+    assert all(a[S.STATE_HASH] != b[S.STATE_HASH] for a, b in pairs)
+    # greedy copies of one prompt took the same actions: the same history, the same state
+    same = [(a, b) for a in rows for b in rows if a[S.GROUP_ID] == b[S.GROUP_ID] and a[S.EPISODE_ID] < b[S.EPISODE_ID]
+            and a[S.TURN_INDEX] == b[S.TURN_INDEX]]
+    assert same and all(a[S.STATE_HASH] == b[S.STATE_HASH] for a, b in same)

@@ -43,6 +43,7 @@ HOSTILE = [  # (case, action, text expected in the error)
     ("control characters", call("Karo\x00Velmin\x1b[31m"), "control or binary"),
     ("raw binary in the tag", tool("\x00\x01\x02\xff" * 100), "control or binary"),
     ("not JSON", tool("__import__('os').system('rm -rf /')"), "invalid JSON"),
+    ("only invisible format characters", call("\u202e" * 50), "query is empty"),
 ]
 
 

@@ -58,6 +58,8 @@ MALFORMED = [
     ("missing query", tool('{"name": "wiki_search", "args": {"q": "x"}}'), "missing 'query'"),
     ("empty query", call(""), "query is empty"),
     ("blank query", call("   \n "), "query is empty"),
+    ("invisible format characters", call("\u202e" * 50), "query is empty"),
+    ("zero-width characters", call("\u200b\u200d\ufeff \u2060"), "query is empty"),
     ("query not string", call(42), "'query' must be a string, got int"),
     ("query is list", call(["a", "b"]), "'query' must be a string, got list"),
     ("oversized query", call("word " * 200), "query is too long"),
