@@ -280,7 +280,7 @@ class AlgorithmConfig:
     off_policy: str = "none"  # stale rows: none (ratio against the generator's log-probs) | tis (ratio against the learner's own, advantage x min(w, is_cap)) | decoupled (same, tokens with w > is_cap dropped); w = pi_learner/pi_generator
     is_cap: float = 2.0  # tis / decoupled: truncation or drop threshold of the importance weight (> 0)
     clip_ratio_c: float | None = 3.0  # dual clip: a negative-advantage token's loss is capped at c*|A| (stale rows; null: off); > 1
-    loss_agg: str = "token-mean"  # loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    loss_agg: str = "token-mean"  # loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr. GRPO: divided by the constant generation.max_tokens_per_episode)
     kl_coef: float = 0.0  # KL-to-reference weight (0: no reference model)
     kl_kind: str = "k3"  # KL estimator: k1 | k3
     entropy_coef: float = 0.0  # entropy bonus weight

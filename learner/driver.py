@@ -161,7 +161,8 @@ class Trainer:
                                      "torch_threads": torch_threads(cfg)[1]},
                 algorithm=vars(a), temperature=cfg.generation.temperature,
                 batch_episodes=a.prompts_per_step * a.group_size, rank=r, world_size=lc.num_ranks,
-                master_port=port, master_addr=master_addr, seed=cfg.run.seed)
+                master_port=port, master_addr=master_addr, seed=cfg.run.seed,
+                loss_norm_len=cfg.generation.max_tokens_per_episode)
             for r in range(lc.num_ranks)
         ]
         ray.get([x.ping.remote() for x in self.generators])

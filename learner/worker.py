@@ -80,7 +80,8 @@ class LearnerWorker:
 
     def __init__(self, model_path: str, *, learner: dict[str, Any], algorithm: dict[str, Any],
                  temperature: float, batch_episodes: int, rank: int = 0, world_size: int = 1,
-                 master_port: int = 29500, seed: int = 0, master_addr: str = "127.0.0.1"):
+                 master_port: int = 29500, seed: int = 0, master_addr: str = "127.0.0.1",
+                 loss_norm_len: int | None = None):
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
@@ -92,6 +93,9 @@ class LearnerWorker:
         from common.modeling import load_model, load_tokenizer
 
         self.rank, self.world = rank, world_size
+        # "seq-mean-token-sum-norm" (Dr. GRPO) divides by a constant: generation.max_tokens_per_episode from the
+        # driver; None (a bare learner, tests) falls back to each batch's padded width
+        self.loss_norm_len = loss_norm_len
         self.lcfg, self.acfg = learner, algorithm
         self.temperature = temperature
         self.pad_id = load_tokenizer(model_path).pad_token_id or 0
@@ -148,7 +152,7 @@ class LearnerWorker:
         # global normaliser: action tokens of the whole batch (all ranks), labels are shifted by one
         norm_tokens = float(batch.action_mask[:, 1:].sum().clamp(min=1)) / self.world
         self._num_seqs = float(len(batch)) / self.world
-        self._max_len = float(batch.input_ids.shape[1])
+        self._max_len = float(self.loss_norm_len or batch.input_ids.shape[1])
         diags: list[dict[str, float]] = []
         prox: list[torch.Tensor] = []  # per micro-batch: log-probs at the weights the update starts from
         for epoch in range(self.acfg["ppo_epochs"]):

@@ -38,13 +38,13 @@ def rollout_table(policy, temperature: float, top_p: float, seed: int) -> pa.Tab
     return pa.Table.from_batches(queue.batches)
 
 
-def learner(ray, policy, temperature: float, *overrides: str):
+def learner(ray, policy, temperature: float, *overrides: str, **kwargs):
     cfg = load_config(None, ["learner.micro_batch_size=2", "learner.lr=0.01", "learner.torch_threads=1",
                              f"algorithm.group_size={G}", f"algorithm.prompts_per_step={QUESTIONS}", *overrides])
     lc, a = cfg.learner, cfg.algorithm
     return ray.remote(LearnerWorker).options(num_cpus=1).remote(
         str(policy), learner={**vars(lc), "betas": list(lc.betas), "dtype": "float32"}, algorithm=vars(a),
-        temperature=temperature, batch_episodes=QUESTIONS * G, master_port=_free_port(), seed=0)
+        temperature=temperature, batch_episodes=QUESTIONS * G, master_port=_free_port(), seed=0, **kwargs)
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
@@ -114,3 +114,22 @@ def test_lag_lr_scale_shrinks_the_step_on_stale_rows(ray_local, tiny_policy):
         assert fresh[M.LR] == pytest.approx(0.01)
         lrs[scale] = stale[M.LR]
     assert lrs == {1.0: pytest.approx(0.01), 0.5: pytest.approx(0.005)}
+
+
+def test_dr_grpo_normaliser_is_the_constant_episode_cap(ray_local, tiny_policy):
+    """loss_agg seq-mean-token-sum-norm divides by generation.max_tokens_per_episode (what the driver passes),
+    not by the batch's padded width, which changes from step to step."""
+    from learner.batch import assemble
+
+    ray = ray_local
+    table = _stale(rollout_table(tiny_policy, 1.0, 1.0, seed=3), shift=0.0)  # varied outcomes, fresh log-probs
+    width = assemble(table, 0).input_ids.shape[1]
+    losses = {}
+    for cap in (400, None):
+        worker = learner(ray, tiny_policy, 1.0, "algorithm.loss_agg=seq-mean-token-sum-norm", loss_norm_len=cap)
+        try:
+            losses[cap] = ray.get(worker.train_step.remote(table))[M.LOSS]
+        finally:
+            ray.kill(worker)
+    assert abs(losses[400]) > 1e-6 and width != 400
+    assert losses[400] * 400 == pytest.approx(losses[None] * width, rel=1e-5)
