@@ -265,13 +265,21 @@ class RolloutConfig:
                   "step); use 1")
 
 
+#: ``algorithm.*`` fields that are keyword arguments of the estimators in ``learner.credit`` (each passed to
+#: the estimators that take it: ``learner.worker.estimator_hparams``).
+ESTIMATOR_HPARAMS = ("turn_coef", "outcome_coef", "final_outcome_coef", "gamma", "step_coef", "eps", "scale_by_std")
+
+
 @dataclass
 class AlgorithmConfig:
     advantage: str = "mt_grpo"  # credit-assignment estimator (learner.credit.ESTIMATORS)
-    turn_coef: float = 1.0  # c_T: weight of the normalised turn reward
-    outcome_coef: float = 1.0  # c_O: weight of the normalised outcome reward
+    turn_coef: float = 1.0  # c_T: weight of the normalised turn reward (mt_grpo, mt_grpo_k)
+    outcome_coef: float = 1.0  # c_O: weight of the normalised outcome reward on turns before the last (mt_grpo, mt_grpo_k)
+    final_outcome_coef: float = 1.0  # mt_grpo_k: weight of the normalised outcome on the last turn
     gamma: float = 1.0  # discount over later turns (mt_grpo_k, gigpo)
-    eps: float = 1e-6  # added to the group std
+    step_coef: float = 1.0  # gigpo: weight of the step-level (anchor-state) advantage
+    eps: float = 1e-6  # added to the group std (every estimator)
+    scale_by_std: bool = True  # divide by the group std (false: mean-centred only, Dr. GRPO)
     group_size: int = 8  # G: episodes sampled per question
     prompts_per_step: int = 16  # questions per training step (batch = prompts_per_step x G episodes)
     ppo_epochs: int = 1  # optimisation passes over each batch (paper: 2)
@@ -281,17 +289,27 @@ class AlgorithmConfig:
     is_cap: float = 2.0  # tis / decoupled: truncation or drop threshold of the importance weight (> 0)
     clip_ratio_c: float | None = 3.0  # dual clip: a negative-advantage token's loss is capped at c*|A| (stale rows; null: off); > 1
     loss_agg: str = "token-mean"  # loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr. GRPO: divided by the constant generation.max_tokens_per_episode)
-    kl_coef: float = 0.0  # KL-to-reference weight (0: no reference model)
-    kl_kind: str = "k3"  # KL estimator: k1 | k3
+    kl_coef: float = 0.0  # weight of the KL to a frozen reference policy in the loss (0: no reference model is loaded)
+    kl_kind: str = "k3"  # KL estimator of that penalty: k1 | k2 | k3 (Schulman's; k3 is GRPO's)
+    ref_model_path: str | None = None  # kl_coef > 0: the reference policy's directory; null: the starting policy (model.path)
     entropy_coef: float = 0.0  # entropy bonus weight
 
     def validate(self, p: str) -> None:
+        import inspect
+
         from learner.credit import ESTIMATORS
 
         if self.advantage not in ESTIMATORS:
             close = difflib.get_close_matches(self.advantage, list(ESTIMATORS), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             _fail(f"{p}.advantage", self.advantage, f"must be one of {sorted(ESTIMATORS)}{hint}")
+        accepted = inspect.signature(ESTIMATORS[self.advantage]).parameters
+        defaults = AlgorithmConfig()
+        for name in ESTIMATOR_HPARAMS:  # a hyperparameter the estimator would never see is an error, not a no-op
+            if name not in accepted and getattr(self, name) != getattr(defaults, name):
+                takers = sorted(e for e, fn in ESTIMATORS.items() if name in inspect.signature(fn).parameters)
+                _fail(f"{p}.{name}", getattr(self, name), f"estimator {self.advantage!r} does not take it "
+                      f"(it applies to {', '.join(takers)})")
         if self.group_size < 2:
             _fail(f"{p}.group_size", self.group_size, "must be >= 2 (group normalisation needs a group)")
         if self.prompts_per_step < 1:
@@ -300,8 +318,13 @@ class AlgorithmConfig:
             _fail(f"{p}.ppo_epochs", self.ppo_epochs, "must be >= 1")
         if self.loss_agg not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
             _fail(f"{p}.loss_agg", self.loss_agg, "must be token-mean, seq-mean-token-mean or seq-mean-token-sum-norm")
-        if self.kl_kind not in ("k1", "k3"):
-            _fail(f"{p}.kl_kind", self.kl_kind, "must be 'k1' or 'k3'")
+        if self.kl_kind not in ("k1", "k2", "k3"):
+            _fail(f"{p}.kl_kind", self.kl_kind, "must be k1, k2 or k3")
+        if self.kl_coef < 0:
+            _fail(f"{p}.kl_coef", self.kl_coef, "must be >= 0")
+        if self.kl_coef == 0 and (self.kl_kind != "k3" or self.ref_model_path is not None):
+            _fail(f"{p}.kl_coef", self.kl_coef, "is 0, so algorithm.kl_kind and algorithm.ref_model_path would be "
+                  "unused; set kl_coef > 0 or leave them at their defaults")
         if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
             _fail(f"{p}.clip_low", self.clip_low, "clip_low must be in [0, 1) and clip_high >= 0")
         if self.off_policy not in ("none", "tis", "decoupled"):

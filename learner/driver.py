@@ -159,7 +159,8 @@ class Trainer:
             ray.remote(LearnerWorker).options(**self.placement.learner_options(r)).remote(
                 model_path, learner={**vars(lc), "betas": list(lc.betas), "dtype": cfg.model.dtype,
                                      "torch_threads": torch_threads(cfg)[1]},
-                algorithm=vars(a), temperature=cfg.generation.temperature,
+                algorithm={**vars(a), "ref_model_path": str(Path(a.ref_model_path).resolve()) if a.ref_model_path
+                           else None}, temperature=cfg.generation.temperature,
                 batch_episodes=a.prompts_per_step * a.group_size, rank=r, world_size=lc.num_ranks,
                 master_port=port, master_addr=master_addr, seed=cfg.run.seed,
                 loss_norm_len=cfg.generation.max_tokens_per_episode)
@@ -279,6 +280,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     from common.modeling import check_model_dir
 
     check_model_dir(cfg.model.path)  # fails before Ray starts (and before data prep) on a bad model directory
+    if cfg.algorithm.ref_model_path:
+        check_model_dir(cfg.algorithm.ref_model_path)
     data = prepare_data(cfg.data)  # fails before Ray starts on a bad corpus / question file
     resume_from = None
     if resume is not None:  # fail before Ray starts if there is nothing to resume or the config changed

@@ -26,11 +26,23 @@ from learner.losses import behaviour_weights, entropy_from_logits, policy_loss, 
 log = logging.getLogger(__name__)
 
 
+def estimator_hparams(algorithm: dict[str, Any]) -> dict[str, Any]:
+    """The ``algorithm.*`` hyperparameters the configured estimator takes (``config_sections.ESTIMATOR_HPARAMS``;
+    config validation rejects a non-default value for one it does not take, so nothing is dropped unseen)."""
+    from common.config_sections import ESTIMATOR_HPARAMS
+
+    accepted = inspect.signature(ESTIMATORS[algorithm["advantage"]]).parameters
+    return {k: algorithm[k] for k in ESTIMATOR_HPARAMS if k in accepted}
+
+
 def compute_turn_advantages(batch: EpisodeBatch, estimator: str, hparams: dict[str, Any]) -> torch.Tensor:
-    """Per-turn advantages float[B, K] with the estimator's own keyword arguments only."""
+    """Per-turn advantages float[B, K]; ``hparams`` must be keyword arguments the estimator takes."""
     fn = ESTIMATORS[estimator]
     accepted = inspect.signature(fn).parameters
-    kwargs = {k: v for k, v in hparams.items() if k in accepted}
+    unknown = sorted(set(hparams) - set(accepted))
+    if unknown:
+        raise TypeError(f"estimator {estimator!r} does not take {unknown}")
+    kwargs = dict(hparams)
     if "state_ids" in accepted:
         kwargs["state_ids"] = batch.state_ids
     return fn(batch.turn_rewards, batch.outcome_rewards, batch.turn_mask, batch.group_ids, **kwargs)
@@ -124,6 +136,10 @@ class LearnerWorker:
                 raise ValueError(f"config field `learner.prefix_sharing` = true: this policy has {reason}; the shared-"
                                  "prefix forward mirrors Qwen2/Llama decoders only (set it to false)")
             self._packed = PackedForward()
+        self.ref = None  # algorithm.kl_coef > 0: the frozen reference policy (ref_model_path, else the starting one)
+        if algorithm["kl_coef"] > 0:
+            self.ref = load_model(algorithm.get("ref_model_path") or model_path).to(self.engine.device).eval()
+            self.ref.requires_grad_(False)
         self.tokens_processed = 0.0  # tokens the last step's forwards ran over (perf/learner/tokens)
         self._lr_factor = 1.0  # learning-rate factor of the current step (learner.lag_lr_scale ** batch lag)
 
@@ -138,9 +154,7 @@ class LearnerWorker:
         lag = max(0, self.version - int(batch.versions[batch.turn_mask].min()))  # the batch's oldest turn
         self._lr_factor = float(self.lcfg["lag_lr_scale"]) ** lag  # staleness-aware step (learner.lag_lr_scale)
         self._stepped_lr = float(self.engine.get_lr()[0])
-        hp = {"turn_coef": self.acfg["turn_coef"], "outcome_coef": self.acfg["outcome_coef"],
-              "gamma": self.acfg["gamma"], "eps": self.acfg["eps"]}
-        turn_adv = compute_turn_advantages(batch, self.acfg["advantage"], hp)  # [B, K]
+        turn_adv = compute_turn_advantages(batch, self.acfg["advantage"], estimator_hparams(self.acfg))  # [B, K]
         token_adv = broadcast_to_tokens(turn_adv, batch.token_turn, batch.action_mask)  # [B, T]
         token_adv = token_adv * batch.staleness_weights[:, None]  # [B, T] stale groups count less (queue "reweight")
         t_adv = time.time() - t0
@@ -172,6 +186,7 @@ class LearnerWorker:
             M.CLIP_FRAC_DUAL: out["clip_frac_dual"], M.RATIO_MAX: out["ratio_max"],
             M.LOGPROB_GAP_MEAN: out["logprob_gap_mean"], M.LOGPROB_GAP_MAX: out["logprob_gap_max"],
             M.IS_WEIGHT_MEAN: out["is_weight_mean"], M.IS_CAPPED_FRAC: out["is_capped_frac"],
+            M.KL_REF: out["kl_ref"],
             M.ENTROPY: out.get("entropy", 0.0), M.GRAD_NORM: self._reported_grad_norm(),
             M.LR: self._stepped_lr, M.POLICY_VERSION: self.version, M.STEP: self.steps,
             M.TIME_ADVANTAGE: t_adv, M.TIME_UPDATE: time.time() - t0 - t_adv,
@@ -186,19 +201,22 @@ class LearnerWorker:
                 stats[M.ADV_TURN_STD.format(k=k)] = float(vals.std(unbiased=False))
         return stats
 
-    def _action_logits(self, mb: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _action_logits(self, mb: EpisodeBatch, module=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits only where the next token is an action token (the LM head dominates small models).
 
+        ``module``: the policy being trained (default) or the frozen reference (``algorithm.kl_coef``).
         Returns (logits float[N, V], labels long[N], mask bool[b, T-1]) with N = mask.sum().
         """
         device = self.engine.device
         ids = mb.input_ids.to(device)  # [b, T]
         mask = mb.action_mask[:, 1:].to(device) > 0  # [b, T-1] position t predicts token t+1
-        module = self.engine.module
+        policy = module is None
+        module = self.engine.module if policy else module
         if self._packed is not None:
-            return self._packed_action_logits(module, mb, mask)
-        self.tokens_processed += float(ids.numel())
-        if self.lcfg.get("zero_stage", 0) == 3:
+            return self._packed_action_logits(module, mb, mask, count=policy)
+        if policy:
+            self.tokens_processed += float(ids.numel())
+        if policy and self.lcfg.get("zero_stage", 0) == 3:
             # ZeRO-3 gathers partitioned parameters in hooks around the whole model's forward; calling
             # the decoder and the (tied) LM head separately gives wrong gradients, so take the full logits.
             out = self.engine(input_ids=ids, attention_mask=mb.attention_mask.to(device))
@@ -207,14 +225,15 @@ class LearnerWorker:
         logits = module.get_output_embeddings()(hidden[:, :-1][mask])  # [N, V]
         return logits, ids[:, 1:][mask], mask
 
-    def _packed_action_logits(self, module, mb: EpisodeBatch, mask: torch.Tensor
+    def _packed_action_logits(self, module, mb: EpisodeBatch, mask: torch.Tensor, *, count: bool = True
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``_action_logits`` through the shared-prefix forward: each distinct prefix once, logits once per node."""
         from learner.packed_forward import PrefixTree
 
         lengths = mb.attention_mask.sum(dim=1).tolist()
         tree = PrefixTree.build([mb.input_ids[b, :n].tolist() for b, n in enumerate(lengths)])
-        self.tokens_processed += float(tree.num_nodes)
+        if count:
+            self.tokens_processed += float(tree.num_nodes)
         width = mb.input_ids.shape[1]
         path = torch.zeros(len(lengths), width, dtype=torch.long)
         path[:, : tree.path.shape[1]] = tree.path[:, :width]
@@ -238,6 +257,12 @@ class LearnerWorker:
         scaled = logits / self.temperature  # [N, V]
         lp_sel = token_logprobs(scaled[None], labels[None])[0]  # [N]
         logp = torch.zeros(mask.shape, dtype=lp_sel.dtype, device=lp_sel.device).masked_scatter(mask, lp_sel)
+        ref_logp = None
+        if self.ref is not None:  # KL to the frozen reference over the same action tokens, no gradient
+            with torch.no_grad():
+                ref_logits, _, _ = self._action_logits(mb, self.ref)
+                ref_sel = token_logprobs((ref_logits / self.temperature)[None], labels[None])[0]  # [N]
+            ref_logp = torch.zeros_like(logp).masked_scatter(mask, ref_sel.to(logp.dtype))  # [b, T-1]
         behaviour = mb.behaviour_logprobs[:, 1:].to(logp.device)  # [b, T-1]
         if first_epoch:
             prox.append(logp.detach())
@@ -253,7 +278,8 @@ class LearnerWorker:
         ent = torch.zeros(mask.shape, dtype=ent_sel.dtype, device=ent_sel.device).masked_scatter(mask, ent_sel)
         fmask = mask.float()
         loss, diag = policy_loss(
-            logp, old, adv, fmask, entropy=ent if use_ent else None,
+            logp, old, adv, fmask, entropy=ent if use_ent else None, ref_logprobs=ref_logp,
+            kl_coef=self.acfg["kl_coef"], kl_kind=self.acfg["kl_kind"],
             entropy_coef=self.acfg["entropy_coef"], clip_low=self.acfg["clip_low"],
             clip_high=self.acfg["clip_high"], clip_ratio_c=self.acfg["clip_ratio_c"],
             agg_mode=self.acfg["loss_agg"], norm_tokens=norm_tokens,
@@ -265,6 +291,10 @@ class LearnerWorker:
         d["entropy"] = float(ent_sel.detach().mean()) if ent_sel.numel() else 0.0
         d["tokens"] = float(mask.sum())
         d.update({k: float(v) for k, v in off_diag.items()})
+        if ref_logp is not None:  # token-mean KL to the reference (the estimator of algorithm.kl_kind)
+            from learner.losses import kl_penalty
+
+            d["kl_ref"] = float(kl_penalty(logp.detach(), ref_logp, self.acfg["kl_kind"])[mask].mean()) if mask.any() else 0.0
         d["logprob_gap_mean"] = float(gap.mean()) if gap.numel() else 0.0
         d["logprob_gap_max"] = float(gap.max()) if gap.numel() else 0.0
         return d
@@ -278,7 +308,7 @@ class LearnerWorker:
         max go through all-reduces, so every rank must call this.
         """
         keys = ("approx_kl", "approx_kl_k3", "clip_frac", "clip_frac_dual", "entropy", "is_weight_mean",
-                "is_capped_frac", "logprob_gap_mean")
+                "is_capped_frac", "logprob_gap_mean", "kl_ref")
         maxima = ("ratio_max", "logprob_gap_max")
         vec = [sum(d["tokens"] for d in diags), sum(d["loss"] for d in diags)]
         vec += [sum(d.get(k, 0.0) * d["tokens"] for d in diags) for k in keys]

@@ -147,3 +147,14 @@ def test_torch_threads_auto_splits_the_cores_by_mode():
     assert torch_threads(load_config(None, ["generators.torch_threads=3"]), cores=2) == (3, 2)  # explicit wins
     cluster = load_config(None, ["ray.address=auto", "generators.num_cpus=4", "learner.num_cpus=8"])
     assert torch_threads(cluster, cores=2) == (4, 8)  # a cluster: what Ray reserved
+
+
+def test_kl_keys_are_live_only_with_a_coefficient(tmp_path):
+    cfg = load_config(None, ["algorithm.kl_coef=0.05", "algorithm.kl_kind=k2"])
+    assert cfg.algorithm.kl_kind == "k2"
+    with pytest.raises(ConfigError, match=r"`algorithm.kl_coef` = 0.0.*unused"):
+        load_config(None, ["algorithm.kl_kind=k1"])
+    with pytest.raises(ConfigError, match=r"`algorithm.kl_coef` = 0.0.*unused"):
+        load_config(None, [f"algorithm.ref_model_path={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"`algorithm.kl_kind`.*k1, k2 or k3"):
+        load_config(None, ["algorithm.kl_coef=0.1", "algorithm.kl_kind=k4"])

@@ -133,3 +133,23 @@ def test_dr_grpo_normaliser_is_the_constant_episode_cap(ray_local, tiny_policy):
             ray.kill(worker)
     assert abs(losses[400]) > 1e-6 and width != 400
     assert losses[400] * 400 == pytest.approx(losses[None] * width, rel=1e-5)
+
+
+def test_kl_to_the_frozen_reference_changes_the_update(ray_local, tiny_policy):
+    """algorithm.kl_coef loads the starting policy as a frozen reference: KL 0 at the first step (policy ==
+    reference), > 0 once the policy moved; three deterministic steps differ with and without it."""
+    ray = ray_local
+    table = _stale(rollout_table(tiny_policy, 1.0, 1.0, seed=13), shift=0.0)
+    runs = {}
+    for kl in (0.0, 0.5):
+        extra = (f"algorithm.kl_coef={kl}", "algorithm.kl_kind=k2") if kl else ()
+        worker = learner(ray, tiny_policy, 1.0, *extra)
+        try:
+            runs[kl] = [ray.get(worker.train_step.remote(table)) for _ in range(3)]
+        finally:
+            ray.kill(worker)
+    without, with_kl = runs[0.0], runs[0.5]
+    assert all(s[M.KL_REF] == 0.0 for s in without)
+    assert with_kl[0][M.KL_REF] == pytest.approx(0.0, abs=1e-10) and with_kl[1][M.KL_REF] > 1e-6
+    assert with_kl[0][M.LOSS] == pytest.approx(without[0][M.LOSS], abs=1e-7)  # no KL yet: the same first step
+    assert with_kl[2][M.LOSS] != pytest.approx(without[2][M.LOSS], abs=1e-7)
