@@ -65,15 +65,15 @@ class EnvClient:
                 ref = self.workers[i].reset.remote(episode_ids, examples)
         return ray.get(ref)
 
-    def submit_step(self, i: int, episode_ids: list[str], actions: list[str]) -> Any:
-        """Start ``EnvWorker.step`` on worker ``i``; returns the object ref for :meth:`finish_step`."""
-        return self.workers[i].step.remote(episode_ids, actions)
+    def submit_step(self, i: int, episode_ids: list[str], actions: list[str], final: list[bool]) -> Any:
+        """Start ``EnvWorker.step`` on worker ``i``; returns the object ref for :meth:`finish_step`.
 
-    def step(self, i: int, episode_ids: list[str], actions: list[str], history: History) -> list:
-        """``EnvWorker.step`` on worker ``i`` (blocking), replaying lost episodes."""
-        return self.finish_step(i, self.submit_step(i, episode_ids, actions), episode_ids, actions, history)
+        ``final[k]``: episode k's turn is its last (its token budget is spent; the env scores it as at max turns).
+        """
+        return self.workers[i].step.remote(episode_ids, actions, final)
 
-    def finish_step(self, i: int, ref: Any, episode_ids: list[str], actions: list[str], history: History) -> list:
+    def finish_step(self, i: int, ref: Any, episode_ids: list[str], actions: list[str], final: list[bool],
+                    history: History) -> list:
         """The results of a submitted step; episodes the worker lost are replayed and stepped again."""
         import ray
         from ray.exceptions import RayActorError
@@ -87,13 +87,13 @@ class EnvClient:
         if not lost:
             return results
         ids = [episode_ids[k] for k in lost]
-        redo = self.replay(i, ids, [history(e) for e in ids], [actions[k] for k in lost])
+        redo = self.replay(i, ids, [history(e) for e in ids], [actions[k] for k in lost], [final[k] for k in lost])
         for k, r in zip(lost, redo):
             results[k] = r
         return results
 
     def replay(self, i: int, episode_ids: list[str], histories: list[tuple[dict, list[str]]],
-               actions: list[str]) -> list:
+               actions: list[str], final: list[bool]) -> list:
         """Rebuild episodes on worker ``i`` (reset + their earlier actions), then step them with ``actions``."""
         import ray
         from ray.exceptions import RayActorError
@@ -107,7 +107,7 @@ class EnvClient:
                 for t in range(max((len(h[1]) for h in histories), default=0)):
                     sel = [k for k, h in enumerate(histories) if len(h[1]) > t]
                     ray.get(w.step.remote([episode_ids[k] for k in sel], [histories[k][1][t] for k in sel]))
-                results = list(ray.get(w.step.remote(episode_ids, actions)))
+                results = list(ray.get(w.step.remote(episode_ids, actions, final)))
             except RayActorError as err:
                 log.warning("env worker %d died again while replaying (%s)", i, type(err).__name__)
                 continue

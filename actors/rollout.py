@@ -211,7 +211,7 @@ class RolloutWorker:
         else:
             outputs = self._generate([e.tokens for e in live], params, caps, call)
         actions = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outputs]
-        results = self._env_step(live, actions)
+        results = self._env_step(live, outputs, actions)
         t_end = time.time()
         rows, aborted = [], []
         for e, out, action, res in zip(live, outputs, actions, results):
@@ -270,9 +270,12 @@ class RolloutWorker:
         self._reused += out.cached_tokens
         self._prefilled += out.prefill_tokens
         info = res.info or {}
-        out_of_budget = len(e.tokens) + len(out.token_ids) >= self.max_tokens_per_episode
-        done = bool(res.done) or out_of_budget
-        truncated = bool(info.get("truncated", False)) or (out_of_budget and not res.done)
+        done = bool(res.done)
+        if self._out_of_budget(e, out) and not done:
+            raise RuntimeError(f"env worker {e.env_index} did not end episode {e.episode_id} on the turn marked final "
+                               "(its token budget is spent); EnvWorker.step must honour `final`")
+        # truncated: out of turns (the env says) or cut mid-action by the token budget
+        truncated = bool(info.get("truncated", False)) or (self._out_of_budget(e, out) and out.finish_reason == "length")
         obs_ids: list[int] = []
         obs_text = scrub_special_tokens(self.tokenizer, res.observation_text or "")  # env text never spells a control token
         if not done:
@@ -371,12 +374,10 @@ class RolloutWorker:
                         action = self.tokenizer.decode(o.token_ids, skip_special_tokens=True)
                         by_env.setdefault(e.env_index, []).append((e, o, action))
                     for i, items in by_env.items():
-                        ids = [str(e.episode_id) for e, _, _ in items]
-                        envs[self.env_workers[i].step.remote(ids, [a for _, _, a in items])] = items
+                        envs[self.envs.submit_step(i, *self._step_args(items))] = items
                 else:
                     items = envs.pop(ref)
-                    results = self.envs.finish_step(items[0][0].env_index, ref, [str(e.episode_id) for e, _, _ in items],
-                                                    [a for _, _, a in items], self._history)
+                    results = self.envs.finish_step(items[0][0].env_index, ref, *self._step_args(items), self._history)
                     t_end = time.time()
                     nxt, ended, aborted = [], [], []
                     for (e, o, action), res in zip(items, results):
@@ -422,17 +423,26 @@ class RolloutWorker:
         self._next_gen = (self._next_gen + 1) % n
         return [o for chunk_out in ray.get(refs) for o in chunk_out]
 
-    def _env_step(self, live: list[_Episode], actions: list[str]) -> list:
+    def _env_step(self, live: list[_Episode], outputs: list, actions: list[str]) -> list:
         by_env: dict[int, list[int]] = {}
         for k, e in enumerate(live):
             by_env.setdefault(e.env_index, []).append(k)
-        args = {i: ([str(live[k].episode_id) for k in ks], [actions[k] for k in ks]) for i, ks in by_env.items()}
+        args = {i: self._step_args([(live[k], outputs[k], actions[k]) for k in ks]) for i, ks in by_env.items()}
         refs = {i: self.envs.submit_step(i, *a) for i, a in args.items()}
         results: list = [None] * len(live)
         for i, ks in by_env.items():
             for k, r in zip(ks, self.envs.finish_step(i, refs[i], *args[i], self._history)):
                 results[k] = r
         return results
+
+    def _out_of_budget(self, e: _Episode, out) -> bool:
+        """This turn spends the episode's token budget (``generation.max_tokens_per_episode``): it is the last."""
+        return len(e.tokens) + len(out.token_ids) >= self.max_tokens_per_episode
+
+    def _step_args(self, items: list) -> tuple[list[str], list[str], list[bool]]:
+        """``(episode ids, actions, final flags)`` of one env worker's ``step`` for ``[(episode, output, action)]``."""
+        return ([str(e.episode_id) for e, _, _ in items], [a for _, _, a in items],
+                [self._out_of_budget(e, o) for e, o, _ in items])
 
     @staticmethod
     def _summarise(e: _Episode, row: dict, action: str, info: dict) -> None:

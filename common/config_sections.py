@@ -293,6 +293,7 @@ class AlgorithmConfig:
     kl_kind: str = "k3"  # KL estimator of that penalty: k1 | k2 | k3 (Schulman's; k3 is GRPO's)
     ref_model_path: str | None = None  # kl_coef > 0: the reference policy's directory; null: the starting policy (model.path)
     entropy_coef: float = 0.0  # entropy bonus weight
+    mask_truncated: bool = False  # DAPO's overlong filtering: truncated episodes (out of env.max_turns or generation.max_tokens_per_episode) carry no policy gradient; their rewards still enter their group's statistics
 
     def validate(self, p: str) -> None:
         import inspect

@@ -45,6 +45,7 @@ KL = "train/kl"
 CLIP_FRAC = "train/clip_frac"
 CLIP_FRAC_DUAL = "train/clip_frac_dual"  # tokens capped by the dual clip (algorithm.clip_ratio_c)
 KL_REF = "train/kl_ref"  # KL to the frozen reference policy (algorithm.kl_coef > 0; 0 otherwise)
+TRUNCATED_MASKED = "train/truncated_masked_frac"  # episodes left out of the gradient (algorithm.mask_truncated)
 KL_K3 = "train/kl_k3"  # (rho - 1) - log rho, CleanRL's non-negative approx_kl
 RATIO_MAX = "train/ratio_max"  # largest PPO ratio of the step (after the log-ratio clamp)
 LOGPROB_GAP_MEAN = "train/logprob_gap/mean"  # |learner - generator| log-prob on the same tokens, before the update
@@ -132,6 +133,7 @@ METRICS: dict[str, str] = {
     CLIP_FRAC: "Fraction of action tokens whose ratio was clipped",
     CLIP_FRAC_DUAL: "Fraction of action tokens with negative advantage whose loss the dual clip capped",
     KL_REF: "Token-mean KL of the policy to the frozen reference (algorithm.kl_kind estimator; 0 without kl_coef)",
+    TRUNCATED_MASKED: "Fraction of the batch's episodes that were truncated and carry no gradient (algorithm.mask_truncated)",
     KL_K3: "Approximate KL between behaviour and current policy, k3 form (ratio - 1) - log ratio",
     RATIO_MAX: "Largest PPO ratio (current over old policy) over the step's action tokens",
     LOGPROB_GAP_MEAN: "Mean |learner - generator| log-prob of the sampled tokens before the update (numerics, plus the policy change of stale rows)",

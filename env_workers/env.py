@@ -8,15 +8,20 @@ can run the searches of many episodes in one batched BM25 call.
 Rules per assistant turn (turn ``t`` of ``max_turns``):
 
 * valid tool call: search, observation = formatted result, turn reward = tool_execution +
-  result_contains_answer; done (``truncated``) only if ``t == max_turns``;
+  result_contains_answer; done (``truncated``) only on the episode's last turn;
 * malformed tool call: observation = the error inside the result tags, zero turn reward;
-  done (``truncated``) only if ``t == max_turns``;
+  done (``truncated``) only on the episode's last turn;
 * ``<answer>``: done, zero turn reward, outcome computed;
 * neither: done, zero turn reward, outcome computed with no answer.
 
 When an episode ends the observation is ``""`` (nothing follows the last action) and
-``outcome_reward`` is set. ``truncated`` means max turns were hit without an answer; it is
-not the same as a wrong answer.
+``outcome_reward`` is set. ``truncated`` means the episode ran out of turns without an answer; it
+is not the same as a wrong answer.
+
+The episode's last turn is turn ``max_turns``, or an earlier one the caller marks ``final``
+(the rollout worker does when ``generation.max_tokens_per_episode`` is spent): both end the same
+way, through :meth:`WikiSearchEnv._end`, so the outcome (format terms included) is scored alike
+whichever budget ran out.
 """
 
 from __future__ import annotations
@@ -122,6 +127,7 @@ class WikiSearchEnv:
         self._answers: list[str] = []
         self._turns: list[str] = []
         self._pending: ParsedAction | None = None
+        self._final = False  # the pending turn is the episode's last (prepare's ``final``)
         self.done = True
 
     # ----------------------------------------------------------------- episode
@@ -164,14 +170,18 @@ class WikiSearchEnv:
             {"role": "user", "content": question},
         ]
 
-    def prepare(self, action_text: str) -> str | None:
-        """Parse ``action_text``; returns the search query to run, or ``None`` if no search."""
+    def prepare(self, action_text: str, final: bool = False) -> str | None:
+        """Parse ``action_text``; returns the search query to run, or ``None`` if no search.
+
+        ``final``: this is the episode's last turn whatever ``max_turns`` says (its token budget is spent).
+        """
         if self.done:
             raise RuntimeError("step() on a finished episode; call reset() first")
         if self._pending is not None:
             raise RuntimeError("prepare() called twice without finish()")
         text = action_text if isinstance(action_text, str) else ""
         self._turns.append(text)
+        self._final = bool(final)
         self._pending = parse_action(text, self.protocol, max_query_chars=self.max_query_chars)
         return self._pending.query if self._pending.is_valid_tool_call else None
 
@@ -182,7 +192,7 @@ class WikiSearchEnv:
             raise RuntimeError("finish() without prepare()")
         self._pending = None
         t = self.turn_index
-        last_turn = t >= self.max_turns
+        last_turn = t >= self.max_turns or self._final
         info: dict[str, Any] = {
             "tool_called": action.kind == "tool", "tool_success": False,
             "result_contains_answer": False, "truncated": False, "query": action.query,
@@ -223,20 +233,26 @@ class WikiSearchEnv:
         return StepResult("", reward, True, outcome, info)
 
 
-def step_batch(envs: Sequence[WikiSearchEnv], actions: Sequence[str]) -> list[StepResult]:
+def step_batch(envs: Sequence[WikiSearchEnv], actions: Sequence[str],
+               final: Sequence[bool] | None = None) -> list[StepResult]:
     """Step many episodes at once with one batched search per distinct index.
+
+    ``final[i]``: episode i's turn is its last (see :meth:`WikiSearchEnv.prepare`); default none is.
 
     Parsing and rewards never raise on model output; a failing search turns into an error
     observation for the episodes that asked for it.
     """
     if len(envs) != len(actions):
         raise ValueError(f"{len(envs)} envs but {len(actions)} actions")
+    final = [False] * len(envs) if final is None else [bool(f) for f in final]
+    if len(final) != len(envs):
+        raise ValueError(f"{len(envs)} envs but {len(final)} final flags")
     if len({id(e) for e in envs}) != len(envs):
         raise ValueError("the same env appears twice in one step_batch call")
     for env in envs:
         if env.done:
             raise RuntimeError("step on a finished episode; call reset() first")
-    queries = [env.prepare(a) for env, a in zip(envs, actions)]
+    queries = [env.prepare(a, f) for env, a, f in zip(envs, actions, final)]
     hits: list[list[Hit] | None] = [None] * len(envs)
     errors: list[str | None] = [None] * len(envs)
     groups: dict[int, list[int]] = {}

@@ -92,13 +92,21 @@ class EnvWorker:
             self._episodes[eid] = env
         return prompts
 
-    def step(self, episode_ids: Sequence[str], actions: Sequence[str]) -> list[StepResult]:
-        """Step each episode with its action; searches are batched across episodes."""
+    def step(self, episode_ids: Sequence[str], actions: Sequence[str],
+             final: Sequence[bool] | None = None) -> list[StepResult]:
+        """Step each episode with its action; searches are batched across episodes.
+
+        ``final[i]``: episode i's turn is its last (its token budget is spent), scored as at ``max_turns``.
+        """
         if len(episode_ids) != len(actions):
             raise ValueError(f"{len(episode_ids)} episode ids but {len(actions)} actions")
+        final = [False] * len(actions) if final is None else list(final)
+        if len(final) != len(actions):
+            raise ValueError(f"{len(episode_ids)} episode ids but {len(final)} final flags")
         results: list[StepResult | None] = [None] * len(episode_ids)
         envs: list[WikiSearchEnv] = []
         batch_actions: list[str] = []
+        batch_final: list[bool] = []
         slots: list[int] = []
         seen: set[str] = set()
         for i, (eid, action) in enumerate(zip(episode_ids, actions)):
@@ -111,10 +119,11 @@ class EnvWorker:
                 seen.add(eid)
                 envs.append(env)
                 batch_actions.append(action)
+                batch_final.append(bool(final[i]))
                 slots.append(i)
         if self.step_latency_s > 0:
             time.sleep(self.step_latency_s)
-        stepped = step_batch(envs, batch_actions)
+        stepped = step_batch(envs, batch_actions, batch_final)
         if self.judge_outcome_weight > 0 or self.judge_turn_weight > 0:
             self._add_judge_terms(envs, stepped)
         for i, res in zip(slots, stepped):

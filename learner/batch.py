@@ -30,6 +30,7 @@ class EpisodeBatch:
     versions: torch.Tensor  # long[B, K]
     episode_ids: torch.Tensor  # long[B]
     staleness_weights: torch.Tensor  # float[B] staleness weight of the episode's group (queue "reweight"; else 1)
+    truncated: torch.Tensor  # bool[B] the episode ran out of turns or tokens (its last row's ``truncated``)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -43,7 +44,7 @@ def assemble(table: pa.Table, pad_id: int) -> EpisodeBatch:
     cols = {name: table.column(name).to_pylist() for name in (
         S.EPISODE_ID, S.GROUP_ID, S.TURN_INDEX, S.POLICY_VERSION, S.CONTEXT_TOKEN_IDS, S.ACTION_TOKEN_IDS,
         S.ACTION_LOGPROBS, S.OBSERVATION_TOKEN_IDS, S.STATE_HASH, S.TURN_REWARD, S.OUTCOME_REWARD,
-        S.IS_LAST_TURN)}
+        S.IS_LAST_TURN, S.TRUNCATED)}
     episodes: dict[int, list[int]] = {}
     for i, eid in enumerate(cols[S.EPISODE_ID]):
         episodes.setdefault(eid, []).append(i)
@@ -59,6 +60,7 @@ def assemble(table: pa.Table, pad_id: int) -> EpisodeBatch:
     group_ids = torch.zeros(b, dtype=torch.long)
     stale_w = table.column(S.STALENESS_WEIGHT).to_pylist() if S.STALENESS_WEIGHT in table.schema.names else None
     weights = torch.ones(b)
+    truncated = torch.zeros(b, dtype=torch.bool)
     for bi, eid in enumerate(order):
         rows = sorted(episodes[eid], key=lambda r: cols[S.TURN_INDEX][r])
         turn_idx = [cols[S.TURN_INDEX][r] for r in rows]
@@ -86,6 +88,7 @@ def assemble(table: pa.Table, pad_id: int) -> EpisodeBatch:
             state_ids[bi, k] = cols[S.STATE_HASH][r]
             versions[bi, k] = cols[S.POLICY_VERSION][r]
         outcome[bi] = cols[S.OUTCOME_REWARD][rows[-1]]
+        truncated[bi] = bool(cols[S.TRUNCATED][rows[-1]])
         group_ids[bi] = cols[S.GROUP_ID][rows[0]]
         if stale_w is not None:
             weights[bi] = stale_w[rows[0]]
@@ -107,4 +110,4 @@ def assemble(table: pa.Table, pad_id: int) -> EpisodeBatch:
         token_turn[bi, :n] = torch.tensor(turns[bi])
         blp[bi, :n] = torch.tensor(lps[bi])
     return EpisodeBatch(input_ids, attn, action_mask, token_turn, blp, turn_rewards, outcome, turn_mask,
-                        group_ids, state_ids, versions, torch.tensor(order, dtype=torch.long), weights)
+                        group_ids, state_ids, versions, torch.tensor(order, dtype=torch.long), weights, truncated)

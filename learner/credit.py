@@ -209,10 +209,18 @@ def mt_grpo(
 ) -> Tensor:
     """MT-GRPO, the paper's two-turn form generalised to "every turn before the last".
 
-    With ``R^T_b = sum_k r~_{b,k}`` (all of episode b's turn rewards)::
+    With ``R^T_b = sum_{k < L_b} r~_{b,k}``, the rewards of the turns that receive it (all but the
+    last turn ``L_b`` of a multi-turn episode; the only turn of a single-turn one)::
 
         A_{b,k} = c_T * norm_g(R^T)_b + c_O * norm_g(R^O)_b    for k < L_b
         A_{b,L_b} = norm_g(R^O)_b                               (last turn, if L_b >= 1)
+
+    **Which turns form R^T.** The last turn's own reward is in nobody's advantage: the last turn
+    gets the outcome only (the paper's rule), and crediting its reward to the earlier turns would
+    reward them for a later decision, e.g. a tool call on a final turn cut by ``env.max_turns``.
+    In the paper's two-turn task the answer turn's reward is 0, so this is the paper's form
+    exactly. (:func:`mt_grpo_k` instead credits each turn with its own and later turns' rewards,
+    the last turn's included; :func:`grpo_mr` merges every turn reward into the outcome.)
 
     An episode with a single turn (it answered without calling a tool) gets the combined
     ``c_T * norm_g(R^T) + c_O * norm_g(R^O)`` on that turn, as the paper's reference code does.
@@ -235,11 +243,11 @@ def mt_grpo(
     Reference: Zeng et al. 2025, arXiv 2505.11821, MT-GRPO advantage (Sec. 4, Fig. 2).
     """
     mask = _check_inputs(turn_rewards, outcome_rewards, turn_mask, group_ids)
-    r = _masked(turn_rewards, mask)  # [B, K]
+    final = _is_final_of_multi_turn(mask)  # [B, K]
+    r = _masked(turn_rewards, mask & ~final)  # [B, K] the turns credited with R^T
     n_t = group_normalize(r.sum(dim=1), group_ids, eps, scale_by_std)  # [B]
     n_o = group_normalize(outcome_rewards, group_ids, eps, scale_by_std)  # [B]
     combined = turn_coef * n_t + outcome_coef * n_o  # [B]
-    final = _is_final_of_multi_turn(mask)  # [B, K]
     adv = torch.where(final, n_o[:, None], combined[:, None])  # [B, K]
     return _masked(adv, mask)  # [B, K]
 

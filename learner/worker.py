@@ -157,6 +157,9 @@ class LearnerWorker:
         turn_adv = compute_turn_advantages(batch, self.acfg["advantage"], estimator_hparams(self.acfg))  # [B, K]
         token_adv = broadcast_to_tokens(turn_adv, batch.token_turn, batch.action_mask)  # [B, T]
         token_adv = token_adv * batch.staleness_weights[:, None]  # [B, T] stale groups count less (queue "reweight")
+        masked = batch.truncated if self.acfg["mask_truncated"] else torch.zeros_like(batch.truncated)  # [B]
+        if masked.any():  # DAPO's overlong filtering: no gradient from these episodes (their rewards still
+            batch.action_mask = batch.action_mask * (~masked)[:, None]  # entered their group's statistics)
         t_adv = time.time() - t0
         # this rank's share of the episodes (data parallel): a contiguous block, so a group's episodes stay on
         # one rank and share their prompt's forward (learner.prefix_sharing)
@@ -186,7 +189,7 @@ class LearnerWorker:
             M.CLIP_FRAC_DUAL: out["clip_frac_dual"], M.RATIO_MAX: out["ratio_max"],
             M.LOGPROB_GAP_MEAN: out["logprob_gap_mean"], M.LOGPROB_GAP_MAX: out["logprob_gap_max"],
             M.IS_WEIGHT_MEAN: out["is_weight_mean"], M.IS_CAPPED_FRAC: out["is_capped_frac"],
-            M.KL_REF: out["kl_ref"],
+            M.KL_REF: out["kl_ref"], M.TRUNCATED_MASKED: float(masked.float().mean()),
             M.ENTROPY: out.get("entropy", 0.0), M.GRAD_NORM: self._reported_grad_norm(),
             M.LR: self._stepped_lr, M.POLICY_VERSION: self.version, M.STEP: self.steps,
             M.TIME_ADVANTAGE: t_adv, M.TIME_UPDATE: time.time() - t0 - t_adv,

@@ -28,11 +28,11 @@ class ScriptedEnv:
         return [[{"role": "system", "content": "Use the tool."}, {"role": "user", "content": ex["question"]}]
                 for ex in examples]
 
-    def step(self, episode_ids, actions):
+    def step(self, episode_ids, actions, final=None):
         out = []
-        for eid, action in zip(episode_ids, actions):
+        for k, (eid, action) in enumerate(zip(episode_ids, actions)):
             self.turns[eid] += 1
-            done = self.turns[eid] >= self.max_turns
+            done = self.turns[eid] >= self.max_turns or bool(final and final[k])
             out.append(FakeStep(f"<result>Karo {len(action) % 7} Ralomek</result>", {"tool": 0.1}, done,
                                 {"exact_match": 0.0} if done else None, {"tool_called": True}))
         return out

@@ -261,11 +261,11 @@ class _PushMidEpisode(ScriptedEnv):
         super().__init__(max_turns)
         self.push, self.calls = push, 0
 
-    def step(self, episode_ids, actions):
+    def step(self, episode_ids, actions, final=None):
         self.calls += 1
         if self.calls == 1:
             self.push()
-        return super().step(episode_ids, actions)
+        return super().step(episode_ids, actions, final)
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["turn-sync", "streaming"])

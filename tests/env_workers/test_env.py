@@ -89,6 +89,29 @@ def test_truncated_episode(demo_index: BM25Index, questions: list[dict]) -> None
                                               "format": 0.2, "xml": 0.2})
 
 
+def test_a_turn_marked_final_ends_as_the_max_turn_does(demo_index: BM25Index, questions: list[dict]) -> None:
+    """A turn the caller marks final (the rollout's token budget is spent) is scored exactly as turn max_turns:
+    the same truncation flag, turn reward and outcome (format terms included), whichever budget ran out."""
+    q = _one(questions, "country")
+    person, city = q["chain"]
+    by_turns = WikiSearchEnv(demo_index, max_turns=2)
+    by_tokens = WikiSearchEnv(demo_index, max_turns=5)
+    for env in (by_turns, by_tokens):
+        env.reset(q)
+        assert not env.step(search(person)).done
+    a = by_turns.step(search(city))
+    [b] = step_batch([by_tokens], [search(city)], final=[True])
+    assert b.done and b.info["truncated"] and b.observation_text == ""
+    assert (b.turn_reward, b.outcome_reward, b.info) == (a.turn_reward, a.outcome_reward, a.info)
+    assert b.outcome_reward["format"] == pytest.approx(0.2)  # the format terms count on this path too
+    env = WikiSearchEnv(demo_index, max_turns=5)  # an answer on a final turn is an ordinary ending
+    env.reset(q)
+    [r] = step_batch([env], [answer(q["answers"][0])], final=[True])
+    assert r.done and not r.info["truncated"] and r.outcome_reward["exact_match"] == 1.0
+    with pytest.raises(ValueError, match="final flags"):
+        step_batch([env], ["x"], final=[True, False])
+
+
 def test_three_turn_two_hop_episode(demo_index: BM25Index, questions: list[dict]) -> None:
     q = _one(questions, "city_founded")
     env = WikiSearchEnv(demo_index, max_turns=3)

@@ -82,13 +82,24 @@ def test_mt_grpo_single_turn_episode_gets_combined() -> None:
     close(adv, [[2 * -1 + 0.5 * a, a], [2 * 0 + 0.5 * c, 0.0], [2 * 1 + 0.5 * a, a]])
 
 
-def test_mt_grpo_sums_all_turn_rewards() -> None:
-    # three turns: R^T = sum over the existing turns = [1+1, 0+0+3] (the 7 is masked out)
-    # two episodes: [2, 3] -> mean 2.5, std sqrt(0.5) -> [-1/sqrt2, 1/sqrt2]; R^O equal -> 0
+def test_mt_grpo_turn_return_is_the_turns_before_the_last() -> None:
+    # R^T sums the rewards of the turns that receive it (all but the last of a multi-turn episode):
+    # [1 (turn 0; the last turn's 1 is not in it), 0+0 (the 3 on the last turn and the masked 7 are not)]
+    # two episodes: [1, 0] -> mean 0.5, std sqrt(0.5) -> [1/sqrt2, -1/sqrt2]; R^O equal -> 0
     tr = t([[1.0, 1.0, 7.0], [0.0, 0.0, 3.0]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
     adv = mt_grpo(tr, t([1.0, 1.0]), mask, torch.tensor([0, 0]), eps=0.0)
-    close(adv, [[-1 / S2, 0.0, 0.0], [1 / S2, 1 / S2, 0.0]])
+    close(adv, [[1 / S2, 0.0, 0.0], [-1 / S2, -1 / S2, 0.0]])
+
+
+def test_mt_grpo_a_tool_call_on_the_truncated_last_turn_is_not_credited_to_the_first() -> None:
+    # both episodes searched with the same reward on turn 0; episode 0 searched again on its last turn
+    # (cut by max_turns, reward 0.7). The first turns did the same: equal R^T, zero turn-term advantage.
+    tr = t([[0.7, 0.7], [0.7, 0.0]])
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    adv = mt_grpo(tr, t([0.0, 1.0]), mask, torch.tensor([0, 0]), eps=0.0)
+    o = 1 / S2  # R^O [0, 1] -> [-1/sqrt2, 1/sqrt2]
+    close(adv, [[-o, -o], [o, o]])
 
 
 def test_mt_grpo_k_hand_case_variable_lengths() -> None:

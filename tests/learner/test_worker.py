@@ -153,3 +153,32 @@ def test_kl_to_the_frozen_reference_changes_the_update(ray_local, tiny_policy):
     assert with_kl[0][M.KL_REF] == pytest.approx(0.0, abs=1e-10) and with_kl[1][M.KL_REF] > 1e-6
     assert with_kl[0][M.LOSS] == pytest.approx(without[0][M.LOSS], abs=1e-7)  # no KL yet: the same first step
     assert with_kl[2][M.LOSS] != pytest.approx(without[2][M.LOSS], abs=1e-7)
+
+
+def _truncate(table: pa.Table, which) -> pa.Table:
+    """Mark the episodes ``which(episode_id)`` picks as truncated (on every row; the learner reads the last)."""
+    flags = [bool(which(e)) for e in table.column(S.EPISODE_ID).to_pylist()]
+    idx = table.schema.get_field_index(S.TRUNCATED)
+    return table.set_column(idx, S.TRUNCATED, pa.array(flags, type=pa.bool_()))
+
+
+def test_mask_truncated_takes_truncated_episodes_out_of_the_gradient(ray_local, tiny_policy):
+    """algorithm.mask_truncated (DAPO's overlong filtering): truncated episodes carry no gradient; with every
+    episode truncated the update is empty (zero loss and gradient), not a crash."""
+    ray = ray_local
+    base = _stale(rollout_table(tiny_policy, 1.0, 1.0, seed=17), shift=0.0)
+    half = _truncate(base, lambda e: e % 2 == 0)
+    runs = {}
+    for name, table, extra in (("off", half, ()), ("on", half, ("algorithm.mask_truncated=true",)),
+                               ("kept", _truncate(base, lambda e: False), ("algorithm.mask_truncated=true",)),
+                               ("all", _truncate(base, lambda e: True), ("algorithm.mask_truncated=true",))):
+        worker = learner(ray, tiny_policy, 1.0, *extra)
+        try:
+            runs[name] = ray.get(worker.train_step.remote(table))
+        finally:
+            ray.kill(worker)
+    assert runs["off"][M.TRUNCATED_MASKED] == 0.0 and runs["on"][M.TRUNCATED_MASKED] == pytest.approx(0.5)
+    assert runs["on"][M.LOSS] != pytest.approx(runs["off"][M.LOSS], abs=1e-7)
+    assert runs["kept"][M.LOSS] == pytest.approx(runs["off"][M.LOSS], abs=1e-7)  # nothing truncated: unchanged
+    assert runs["all"][M.TRUNCATED_MASKED] == 1.0
+    assert runs["all"][M.LOSS] == 0.0 and runs["all"][M.GRAD_NORM] == 0.0
