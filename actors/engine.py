@@ -32,7 +32,7 @@ import torch
 
 from actors.kv_slots import SlotForwardCache
 from actors.lean_forward import LeanForward
-from actors.messages import GenerationOutput, Request, SamplingParams, stable_seed  # noqa: F401 - re-exported
+from actors.messages import GenerationOutput, Request, SamplingParams  # noqa: F401 - re-exported
 from actors.scheduler import SessionScheduler
 from actors.weights import PackedBucket, apply_bucket
 

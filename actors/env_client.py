@@ -16,8 +16,9 @@ Plain Python (no actor): the rollout worker owns one, as it owns a ``GeneratorPo
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Callable, Sequence
+
+from actors.liveness import wait_alive
 
 log = logging.getLogger(__name__)
 
@@ -122,17 +123,5 @@ class EnvClient:
         self.workers[i].close.remote(episode_ids)
 
     def wait(self, i: int) -> None:
-        """Block until worker ``i`` answers a ping (Ray restarts it); RuntimeError after ``restart_wait_s``."""
-        import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
-
-        deadline = time.time() + self.restart_wait_s
-        while True:
-            try:
-                ray.get(self.workers[i].ping.remote(), timeout=max(1.0, deadline - time.time()))
-                return
-            except (RayActorError, GetTimeoutError) as err:
-                if time.time() >= deadline:
-                    raise RuntimeError(f"env worker {i} did not come back within {self.restart_wait_s:.0f} s "
-                                       f"(restarts exhausted? see env.max_restarts): {err}") from None
-                time.sleep(0.5)
+        """Block until worker ``i`` answers a ping (Ray restarts it); ``ActorGone`` if it will not."""
+        wait_alive(self.workers[i], f"env worker {i}", self.restart_wait_s, "env.max_restarts")

@@ -3,7 +3,6 @@ requests of the session API, generation outputs."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 
@@ -45,8 +44,3 @@ class Request:
     max_total_tokens: int | None = None  # episode cap: len(token_ids) + new tokens <= this
     seed: int | None = None  # None: derived from params.seed and the history, or random
     request_id: str | None = None  # echoed in the output (callers match replies to requests with it)
-
-
-def stable_seed(*parts) -> int:
-    """A process-independent 64-bit seed from any repr-able parts."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")

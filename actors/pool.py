@@ -27,10 +27,10 @@ Plain Python (no actor): the rollout worker owns one.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from actors.engine import GenerationOutput, Request
+from actors.liveness import ActorGone, wait_alive
 
 log = logging.getLogger(__name__)
 
@@ -140,20 +140,13 @@ class GeneratorPool:
         return out  # type: ignore[return-value]
 
     def _wait_restart(self, g: int) -> bool:
-        import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
-
-        deadline = time.time() + self.restart_wait_s
-        while time.time() < deadline:
-            try:
-                ray.get(self.generators[g].ping.remote(), timeout=max(1.0, deadline - time.time()))
-                return True
-            except (RayActorError, GetTimeoutError):
-                time.sleep(0.5)
-            except Exception as err:  # noqa: BLE001 - a dead-for-good actor raises several kinds
-                log.warning("generator %d did not come back: %s", g, err)
-                return False
-        return False
+        """Whether generator ``g`` came back after a failed call (:func:`actors.liveness.wait_alive`)."""
+        try:
+            wait_alive(self.generators[g], f"generator {g}", self.restart_wait_s, "generators.max_restarts")
+            return True
+        except ActorGone as err:
+            log.warning("%s", err)
+            return False
 
     # -- streaming ------------------------------------------------------------------------
     def submit(self, requests: list[Request]) -> None:

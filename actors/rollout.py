@@ -39,7 +39,6 @@ updates at turn boundaries). ``partial_rollouts`` says what happens to such an e
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import uuid
@@ -52,16 +51,11 @@ from actors.engine import Request, SamplingParams
 from actors.env_client import EnvClient
 from actors.pool import GeneratorPool
 from common import schema as S
+from common.hashing import stable_hash
 from common.modeling import load_tokenizer, observation_glue, scrub_special_tokens
 from common.replay import register_arrow_serializers
 
 log = logging.getLogger(__name__)
-
-
-def stable_hash(data: Any) -> int:
-    """A process-independent signed 64-bit hash (Python's hash() is salted per process)."""
-    digest = hashlib.blake2b(repr(data).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
 
 
 @dataclass

@@ -47,8 +47,9 @@ from dataclasses import dataclass, field
 import torch
 
 from actors.kv_slots import KVSlots
-from actors.messages import GenerationOutput, Request, SamplingParams, stable_seed
+from actors.messages import GenerationOutput, Request, SamplingParams
 from actors.sampling import sample_rows, split_seed
+from common.hashing import stable_seed
 
 log = logging.getLogger(__name__)
 

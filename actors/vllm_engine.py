@@ -34,7 +34,8 @@ from typing import Iterable
 
 import torch
 
-from actors.engine import GenerationOutput, Request, SamplingParams, stable_seed
+from actors.engine import GenerationOutput, Request, SamplingParams
+from common.hashing import stable_seed
 from actors.weights import PackedBucket, TensorSpec, fill_buffer, plan_buckets
 
 log = logging.getLogger(__name__)

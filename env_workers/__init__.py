@@ -5,8 +5,7 @@ Parquet / DPR TSV / KILT / HotpotQA layouts -> normalised Parquet, chunking; ``t
 build`` via ``cli``), ``index`` (BM25 via ``bm25s``, batched build, mmap load), ``protocol``
 (parse tool calls / answers, format results), ``rewards`` (the paper's rubric), ``judge`` (LLM
 judge as an extra rubric term), ``env`` (one episode: ``reset``/``step``, batched
-``step_batch``), ``worker`` (many episodes behind one index, for a Ray actor), ``pool`` (several
-worker actors, rebuilding episodes when one dies), ``questions`` (TriviaQA / NQ-open / HotpotQA
+``step_batch``), ``worker`` (many episodes behind one index, the env worker actor), ``questions`` (TriviaQA / NQ-open / HotpotQA
 question files), ``demo_data`` (synthetic encyclopedia and QA pairs), ``synthetic`` (large
 synthetic corpora for benchmarks), ``prepare`` (data checks before Ray starts).
 Submodules are imported on use so that ``import env_workers`` stays light.

@@ -35,6 +35,57 @@ def _check_suffix(p: Path) -> str:
     return suffix
 
 
+PEEK_BYTES = 1 << 20  # how much of a JSON file is read to find its first record
+
+
+def existing_file(path: str | Path) -> Path:
+    """``path`` as a Path; ``FileNotFoundError`` naming it when it is not a file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such file")
+    return p
+
+
+def parquet_schema(p: Path) -> pa.Schema:
+    """The Arrow schema of a Parquet file; ``ValueError`` naming the file when it is not one."""
+    try:
+        return pq.read_schema(p)
+    except pa.ArrowException as exc:
+        raise ValueError(f"{p}: could not read as parquet ({exc})") from exc
+
+
+def first_json_record(p: Path) -> dict[str, Any] | None:
+    """First object of a JSON Lines file or of a JSON array (``None`` if there is none)."""
+    with p.open("r", encoding="utf-8", errors="replace") as f:
+        head = f.read(PEEK_BYTES)
+    s = head.lstrip()
+    if not s:
+        return None
+    decoder = json.JSONDecoder()
+    if s.startswith("["):
+        body = s[1:].lstrip()
+        if body.startswith("]"):
+            return None
+        try:
+            obj, _ = decoder.raw_decode(body)
+        except ValueError:
+            # The first record is longer than the peek: parse the whole array.
+            try:
+                records = json.loads(p.read_text(encoding="utf-8"))
+            except ValueError as exc:
+                raise ValueError(f"{p}: invalid JSON ({exc})") from exc
+            obj = records[0] if isinstance(records, list) and records else None
+    else:
+        line = s.split("\n", 1)[0]
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            raise ValueError(f"{p}: line 1 is not valid JSON ({exc})") from exc
+    if obj is not None and not isinstance(obj, dict):
+        raise ValueError(f"{p}: expected JSON objects, found {type(obj).__name__}")
+    return obj
+
+
 def open_parquet(p: Path, columns: Sequence[str], what: str = "") -> pq.ParquetFile:
     """Open ``p`` for streaming and check it holds ``columns``; ``ValueError`` naming the file otherwise.
 

@@ -40,7 +40,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from env_workers.corpus import CORPUS_COLUMNS, JSONL_SUFFIXES, PARQUET_SUFFIXES, open_parquet, parse_jsonl_line
+from env_workers.corpus import (CORPUS_COLUMNS, JSONL_SUFFIXES, PARQUET_SUFFIXES, existing_file, first_json_record,
+                                open_parquet, parquet_schema, parse_jsonl_line)
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,6 @@ DPR_HEADER = ["id", "text", "title"]
 KILT_KEYS = ("wikipedia_id", "wikipedia_title", "text")
 DEFAULT_BATCH_SIZE = 20_000
 #: How much of a JSON array is read to find its first record during layout detection.
-_PEEK_BYTES = 1 << 20
 _SCHEMA = pa.schema([(c, pa.string()) for c in CORPUS_COLUMNS])
 
 #: ``(id, title, text)`` columns of one batch.
@@ -75,38 +75,6 @@ class IngestStats:
 # --------------------------------------------------------------------------- detection
 
 
-def _first_json_record(p: Path) -> dict[str, Any] | None:
-    """First object of a JSON Lines file or of a JSON array (``None`` if there is none)."""
-    with p.open("r", encoding="utf-8", errors="replace") as f:
-        head = f.read(_PEEK_BYTES)
-    s = head.lstrip()
-    if not s:
-        return None
-    decoder = json.JSONDecoder()
-    if s.startswith("["):
-        body = s[1:].lstrip()
-        if body.startswith("]"):
-            return None
-        try:
-            obj, _ = decoder.raw_decode(body)
-        except ValueError:
-            # The first record is longer than the peek: parse the whole array.
-            try:
-                records = json.loads(p.read_text(encoding="utf-8"))
-            except ValueError as exc:
-                raise ValueError(f"{p}: invalid JSON ({exc})") from exc
-            obj = records[0] if isinstance(records, list) and records else None
-    else:
-        line = s.split("\n", 1)[0]
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            raise ValueError(f"{p}: line 1 is not valid JSON ({exc})") from exc
-    if obj is not None and not isinstance(obj, dict):
-        raise ValueError(f"{p}: expected JSON objects, found {type(obj).__name__}")
-    return obj
-
-
 def _layout_from_keys(keys: set[str], p: Path) -> str:
     if set(KILT_KEYS) <= keys:
         return "kilt"
@@ -123,16 +91,10 @@ def _layout_from_keys(keys: set[str], p: Path) -> str:
 
 def detect_layout(path: str | Path) -> str:
     """The layout of a corpus file (one of :data:`LAYOUTS`); ``ValueError`` naming the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: no such file")
+    p = existing_file(path)
     suffix = p.suffix.lower()
     if suffix in PARQUET_SUFFIXES:
-        try:
-            names = set(pq.read_schema(p).names)
-        except pa.ArrowException as exc:
-            raise ValueError(f"{p}: could not read as parquet ({exc})") from exc
-        return _layout_from_keys(names, p)
+        return _layout_from_keys(set(parquet_schema(p).names), p)
     if suffix in TSV_SUFFIXES:
         with p.open("r", encoding="utf-8", errors="replace") as f:
             header = f.readline().rstrip("\r\n").split("\t")
@@ -140,7 +102,7 @@ def detect_layout(path: str | Path) -> str:
             return "dpr_tsv"
         raise ValueError(f"{p}: a .tsv corpus needs the DPR header {DPR_HEADER}, found {header}")
     if suffix in JSONL_SUFFIXES:
-        first = _first_json_record(p)
+        first = first_json_record(p)
         if first is None:
             raise ValueError(f"{p}: corpus is empty; expected JSON records")
         return _layout_from_keys(set(first), p)

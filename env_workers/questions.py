@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from env_workers.corpus import JSONL_SUFFIXES, PARQUET_SUFFIXES
+from env_workers.corpus import JSONL_SUFFIXES, PARQUET_SUFFIXES, existing_file, first_json_record, parquet_schema
 
 logger = logging.getLogger(__name__)
 
@@ -66,32 +65,21 @@ def _arrow_answer_layout(t: pa.DataType) -> str | None:
     return None
 
 
-def _first_record(p: Path) -> dict[str, Any] | None:
-    from env_workers.ingest import _first_json_record
-
-    return _first_json_record(p)
-
-
 def detect_question_layout(path: str | Path) -> str:
     """The layout of a question file (one of :data:`QUESTION_LAYOUTS`).
 
     A file with an ``answers`` field, or without both ``question`` and ``answer``, counts as
     ``turnrl`` (whose reader then names what is missing).
     """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: no such file")
+    p = existing_file(path)
     suffix = p.suffix.lower()
     if suffix in PARQUET_SUFFIXES:
-        try:
-            schema = pq.read_schema(p)
-        except pa.ArrowException as exc:
-            raise ValueError(f"{p}: could not read as parquet ({exc})") from exc
+        schema = parquet_schema(p)
         if "answers" in schema.names or "question" not in schema.names or "answer" not in schema.names:
             return "turnrl"
         layout = _arrow_answer_layout(schema.field("answer").type)
     elif suffix in JSONL_SUFFIXES:
-        first = _first_record(p)
+        first = first_json_record(p)
         if first is None or "answers" in first or "question" not in first or "answer" not in first:
             return "turnrl"
         layout = _layout_from_answer(first["answer"])

@@ -1,7 +1,8 @@
 """EnvWorker: one BM25 index and many live episodes, stepped in batches.
 
-A plain Python class; Ray plumbing stays outside (wrap it with ``ray.remote(EnvWorker)``, or
-use :class:`env_workers.pool.EnvPool` over several such actors). Every ``step`` call runs the
+A plain Python class; Ray plumbing stays outside: training wraps it with ``ray.remote(EnvWorker)``
+(``env.num_workers`` actors, restarted by Ray), and the rollout worker's :class:`actors.env_client.EnvClient`
+replays the episodes a restarted one lost. Every ``step`` call runs the
 searches of all its episodes in one batched BM25 call. Bad episode ids give an error
 :class:`StepResult` (``done=True``, ``info["error"]`` set, ``info["error_code"]`` one of
 ``"unknown_episode"`` / ``"duplicate_id"``), never an exception, so one bad id cannot kill a

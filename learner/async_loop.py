@@ -40,8 +40,10 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from actors.liveness import wait_alive
 from common import metrics as M
 from common import schema as S
+from learner.faults import abandon_rollout
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class _Call:
 
     ref: Any  # ray.ObjectRef of the result
     group_ids: list[int]
+    episode_ids: range
     questions: list[dict]
     worker: int = 0  # index into trainer.rollouts
 
@@ -132,12 +135,14 @@ class AsyncLoop:
         first = t.group_counter
         busy = [sum(c.worker == w for c in self.calls) for w in range(len(t.rollouts))]
         worker = busy.index(min(busy))
+        first_episode, n_episodes = t.episode_counter, len(questions) * t.cfg.algorithm.group_size
         ref = t.rollouts[worker].run.remote(
             questions, group_size=t.cfg.algorithm.group_size, first_group_id=first,
-            first_episode_id=t.episode_counter, params=t.sampling(seed=t.cfg.run.seed * 1_000_003 + self._step))
+            first_episode_id=first_episode, params=t.sampling(seed=t.cfg.run.seed * 1_000_003 + self._step))
         t.group_counter += len(questions)
-        t.episode_counter += len(questions) * t.cfg.algorithm.group_size
-        self.calls.append(_Call(ref, list(range(first, first + len(questions))), questions, worker))
+        t.episode_counter += n_episodes
+        self.calls.append(_Call(ref, list(range(first, first + len(questions))),
+                                range(first_episode, first_episode + n_episodes), questions, worker))
         self.untrained.update(self.calls[-1].group_ids)
 
     def collect(self) -> None:
@@ -155,27 +160,15 @@ class AsyncLoop:
                 self.trainer.audit.complete(self.finished[-1])  # episode audit (learner/faults.py)
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
                 self.failed_calls += 1
-                rows = ray.get(self.trainer.queue.abort_groups.remote(call.group_ids))
+                abandon_rollout(self.trainer, call.group_ids, call.episode_ids, e)  # the sync mode's rule too
                 self.untrained.difference_update(call.group_ids)
-                log.warning("rollout call for groups %d..%d lost (%s); aborted %d rows, running its %d prompts "
-                            "again", call.group_ids[0], call.group_ids[-1], type(e).__name__, rows,
-                            len(call.questions))
                 self.wait_for_rollout_worker(call.worker)
                 self._submit(call.questions)
 
     def wait_for_rollout_worker(self, worker: int = 0) -> None:
-        """Block until the (restarting) rollout worker answers; RuntimeError after ``restart_wait_s``."""
-        deadline = time.time() + self.restart_wait_s
-        while True:
-            try:
-                ray.get(self.trainer.rollouts[worker].ping.remote(), timeout=10.0)
-                return
-            except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError) as e:
-                if time.time() > deadline:
-                    raise RuntimeError(f"the rollout worker did not come back within {self.restart_wait_s} s") from e
-                time.sleep(0.2)
-            except ray.exceptions.RayActorError as e:  # dead for good: rollout.max_restarts used up
-                raise RuntimeError("the rollout worker died and will not be restarted (rollout.max_restarts)") from e
+        """Block until the (restarting) rollout worker answers; ``ActorGone`` if it will not."""
+        wait_alive(self.trainer.rollouts[worker], f"rollout worker {worker}", self.restart_wait_s,
+                   "rollout.max_restarts")
 
     # -- one training step ----------------------------------------------------------------
     def next_batch(self) -> tuple[pa.Table, float]:

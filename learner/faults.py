@@ -24,6 +24,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable
 
+from actors.liveness import wait_alive
 from common import metrics as M
 
 log = logging.getLogger(__name__)
@@ -161,26 +162,28 @@ def inject(trainer: Any, step: int) -> list[str]:
     return fired
 
 
-def wait_alive(handle: Any, what: str, timeout_s: float) -> None:
-    """Block until the actor answers ``ping`` (Ray restarts it); RuntimeError after ``timeout_s``."""
-    import time
-
-    import ray
-    from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
-
-    deadline = time.time() + timeout_s
-    while True:
-        try:
-            ray.get(handle.ping.remote(), timeout=max(1.0, deadline - time.time()))
-            return
-        except (RayActorError, ActorUnavailableError, GetTimeoutError) as err:
-            if time.time() >= deadline:
-                raise RuntimeError(f"the {what} did not come back within {timeout_s:.0f} s (faults.restart_wait_s; "
-                                   f"restarts exhausted?): {err}") from None
-            time.sleep(0.5)
-
-
 # -- rollout retries -------------------------------------------------------------------------------
+def abandon_rollout(trainer: Any, group_ids: list[int], episode_ids: range, err: BaseException) -> int:
+    """The one lost-work rule, for a rollout call whose worker died (sync and async modes alike).
+
+    Its groups are aborted in the replay queue (rows already held are discarded, rows that still
+    arrive are dropped as late), its episodes are freed on the env workers and counted abandoned in
+    the audit; the caller then runs its prompts again under new group and episode ids. Returns the
+    number of rows the queue discarded.
+    """
+    import ray
+
+    rows = ray.get(trainer.queue.abort_groups.remote(group_ids))
+    ids = [str(e) for e in episode_ids]
+    for w in trainer.env_workers:  # unknown ids are ignored
+        w.close.remote(ids)
+    trainer.audit.abandon(len(episode_ids))
+    trainer.audit.rollout_retries += 1
+    log.warning("rollout call for groups %d..%d lost (%s); aborted %d rows, running its prompts again",
+                group_ids[0], group_ids[-1], type(err).__name__, rows)
+    return rows
+
+
 def rollout_with_retries(trainer: Any, questions: list[dict], params: Any) -> dict[str, Any]:
     """``RolloutWorker.run`` for the step's questions; if the worker dies, abort and run them again.
 
@@ -203,16 +206,9 @@ def rollout_with_retries(trainer: Any, questions: list[dict], params: Any) -> di
             if attempt == retries:
                 raise RuntimeError(f"the rollout worker died {attempt + 1} times in one step (rollout.max_restarts="
                                    f"{trainer.cfg.rollout.max_restarts}): {err}") from err
-            groups = list(range(first_group, first_group + n))
-            rows = ray.get(trainer.queue.abort_groups.remote(groups))
-            ids = [str(e) for e in range(first_episode, first_episode + n * G)]
-            for w in trainer.env_workers:  # free the dead attempt's episodes (unknown ids are ignored)
-                w.close.remote(ids)
-            trainer.audit.abandon(n * G)
-            trainer.audit.rollout_retries += 1
-            log.warning("rollout worker died (%s); aborted groups %d..%d (%d rows), running their %d prompts again",
-                        type(err).__name__, groups[0], groups[-1], rows, n)
-            wait_alive(trainer.rollout, "rollout worker", trainer.cfg.faults.restart_wait_s)
+            abandon_rollout(trainer, list(range(first_group, first_group + n)),
+                            range(first_episode, first_episode + n * G), err)
+            wait_alive(trainer.rollout, "rollout worker", trainer.cfg.faults.restart_wait_s, "rollout.max_restarts")
             continue
         trainer.audit.complete(result)
         return result

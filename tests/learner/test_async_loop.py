@@ -121,6 +121,7 @@ class SimTrainer:
 
         self.cfg, self.queue, self.rollout, self.weights = cfg, queue, rollout, weights
         self.rollouts = [rollout]
+        self.env_workers: list = []  # the scripted rollout holds no env episodes
         self.audit = EpisodeAudit()
         self.sampler = QuestionSampler([{"question": f"q{i}", "answers": ["a"]} for i in range(40)], seed=0)
         self.version = self.group_counter = self.episode_counter = 0
