@@ -266,7 +266,7 @@ class RolloutConfig:
 
 
 #: ``algorithm.*`` fields that are keyword arguments of the estimators in ``learner.credit`` (each passed to
-#: the estimators that take it: ``learner.worker.estimator_hparams``).
+#: the estimators that take it: ``learner.credit.estimator_hparams``; checked by ``check_estimator_config``).
 ESTIMATOR_HPARAMS = ("turn_coef", "outcome_coef", "final_outcome_coef", "gamma", "step_coef", "eps", "scale_by_std")
 
 
@@ -296,21 +296,7 @@ class AlgorithmConfig:
     mask_truncated: bool = False  # DAPO's overlong filtering: truncated episodes (out of env.max_turns or generation.max_tokens_per_episode) carry no policy gradient; their rewards still enter their group's statistics
 
     def validate(self, p: str) -> None:
-        import inspect
-
-        from learner.credit import ESTIMATORS
-
-        if self.advantage not in ESTIMATORS:
-            close = difflib.get_close_matches(self.advantage, list(ESTIMATORS), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            _fail(f"{p}.advantage", self.advantage, f"must be one of {sorted(ESTIMATORS)}{hint}")
-        accepted = inspect.signature(ESTIMATORS[self.advantage]).parameters
-        defaults = AlgorithmConfig()
-        for name in ESTIMATOR_HPARAMS:  # a hyperparameter the estimator would never see is an error, not a no-op
-            if name not in accepted and getattr(self, name) != getattr(defaults, name):
-                takers = sorted(e for e, fn in ESTIMATORS.items() if name in inspect.signature(fn).parameters)
-                _fail(f"{p}.{name}", getattr(self, name), f"estimator {self.advantage!r} does not take it "
-                      f"(it applies to {', '.join(takers)})")
+        # the estimator name and which hyperparameters it takes: learner.credit.check_estimator_config
         if self.group_size < 2:
             _fail(f"{p}.group_size", self.group_size, "must be >= 2 (group normalisation needs a group)")
         if self.prompts_per_step < 1:

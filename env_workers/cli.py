@@ -1,6 +1,6 @@
 """``turnrl index build``: ingest a Wikipedia dump and build its BM25 index (argparse side only).
 
-``common.cli`` mounts :func:`add_index_arguments` as the ``index`` subcommand and calls
+``learner.cli`` mounts :func:`add_index_arguments` as the ``index`` subcommand and calls
 :func:`run_index`; heavy imports happen inside :func:`run_index`.
 """
 

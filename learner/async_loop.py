@@ -43,6 +43,7 @@ import ray
 from actors.liveness import wait_alive
 from common import metrics as M
 from common import schema as S
+from learner.evaluation import generation_metrics
 from learner.faults import abandon_rollout
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,6 @@ class AsyncLoop:
         calls that finished since the previous step, and absent from a step during which none did: a
         step never repeats an earlier step's figures.
         """
-        from learner.driver import generation_metrics
 
         t = self.trainer
         table, waited = self.next_batch()

@@ -29,9 +29,11 @@ from env_workers.prepare import DataPaths, prepare_data
 from learner.checkpoint import (Checkpointer, check_compatible, find_resume_checkpoint, latest_checkpoint, read_state,
                                 truncate_metrics)
 from learner.cluster import Placement, PrometheusTargets, RestartCounter
+from learner.estimator_config import check_estimator_config
 from learner.faults import EpisodeAudit, crash_summary, inject, rollout_with_retries, stale_episodes
 from learner.weight_sync import generator_kwargs, make_weight_sync, rollout_kwargs
-from learner.evaluation import episode_summaries, format_table, plot_learning_curves, summarize_episodes
+from learner.evaluation import (episode_metrics, episode_summaries, format_table, generation_metrics,
+                                plot_learning_curves, summarize_episodes)
 
 log = logging.getLogger(__name__)
 
@@ -236,35 +238,6 @@ class Trainer:
         self.placement.remove()
 
 
-def episode_metrics(episodes: list[dict[str, Any]]) -> dict[str, float]:
-    """Reward and task metrics (``rollout/*``) of episode summaries: those of the batch a step trained on."""
-    n = max(1, len(episodes))
-    s = summarize_episodes(episodes)
-    calls = sum(e.get("tool_calls", 0) for e in episodes)
-    return {
-        M.REWARD_TURN: sum(e.get("turn_reward", 0.0) for e in episodes) / n,
-        M.REWARD_OUTCOME: sum(e.get("outcome_reward", 0.0) for e in episodes) / n,
-        M.REWARD_TOTAL: sum(e.get("turn_reward", 0.0) + e.get("outcome_reward", 0.0) for e in episodes) / n,
-        M.TOOL_SUCCESS: sum(e.get("tool_successes", 0) for e in episodes) / max(1, calls),
-        M.TOOL_CALLED: sum(1.0 for e in episodes if e.get("tool_calls", 0) > 0) / n,
-        M.ANSWER_IN_RESULT: s["answer_in_result"], M.EXACT_MATCH: s["exact_match"], M.FORMAT_SCORE: s["format"],
-        M.TRUNCATED: s["truncated"], M.TURNS_MEAN: s["turns"],
-        M.ACTION_TOKENS_MEAN: sum(e.get("action_tokens", 0) for e in episodes) / n,
-    }
-
-
-def generation_metrics(result: dict[str, Any]) -> dict[str, float]:
-    """Throughput metrics of ``RolloutWorker.run`` results (one, or several merged by ``merge_rollouts``)."""
-    reused = result.get("reused_tokens", 0)
-    return {
-        M.TOKENS_PER_S: result["action_tokens"] / max(result["seconds"], 1e-9),
-        M.TIME_ROLLOUT: result["seconds"],
-        M.ROLLOUT_ABORTED_EPISODES: float(result.get("aborted_episodes", 0)),
-        M.ROLLOUT_MIXED_VERSION_EPISODES: float(result.get("mixed_version_episodes", 0)),
-        M.ROLLOUT_KV_REUSE: reused / max(1, reused + result.get("prefilled_tokens", 0)),
-    }
-
-
 def train(cfg: Config, resume: str | Path | None = None) -> Path:
     """Run one training job end to end; return the run directory.
 
@@ -279,6 +252,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     t_start = time.time()
     from common.modeling import check_model_dir
 
+    check_estimator_config(cfg.algorithm)  # the config rules that need the estimators (ConfigError)
     check_model_dir(cfg.model.path)  # fails before Ray starts (and before data prep) on a bad model directory
     if cfg.algorithm.ref_model_path:
         check_model_dir(cfg.algorithm.ref_model_path)

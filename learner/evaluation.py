@@ -1,4 +1,5 @@
-"""Evaluation summaries, the eval table and the learning-curve plot."""
+"""Episode summaries and what is computed from them: a step's ``rollout/*`` and throughput metrics, the eval
+table and the learning-curve plot."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import logging
 from pathlib import Path
 from typing import Any
+
+from common import metrics as M
 
 log = logging.getLogger(__name__)
 
@@ -113,3 +116,32 @@ def plot_learning_curves(metrics_path: str | Path, out_path: str | Path,
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
     return Path(out_path)
+
+
+def episode_metrics(episodes: list[dict[str, Any]]) -> dict[str, float]:
+    """Reward and task metrics (``rollout/*``) of episode summaries: those of the batch a step trained on."""
+    n = max(1, len(episodes))
+    s = summarize_episodes(episodes)
+    calls = sum(e.get("tool_calls", 0) for e in episodes)
+    return {
+        M.REWARD_TURN: sum(e.get("turn_reward", 0.0) for e in episodes) / n,
+        M.REWARD_OUTCOME: sum(e.get("outcome_reward", 0.0) for e in episodes) / n,
+        M.REWARD_TOTAL: sum(e.get("turn_reward", 0.0) + e.get("outcome_reward", 0.0) for e in episodes) / n,
+        M.TOOL_SUCCESS: sum(e.get("tool_successes", 0) for e in episodes) / max(1, calls),
+        M.TOOL_CALLED: sum(1.0 for e in episodes if e.get("tool_calls", 0) > 0) / n,
+        M.ANSWER_IN_RESULT: s["answer_in_result"], M.EXACT_MATCH: s["exact_match"], M.FORMAT_SCORE: s["format"],
+        M.TRUNCATED: s["truncated"], M.TURNS_MEAN: s["turns"],
+        M.ACTION_TOKENS_MEAN: sum(e.get("action_tokens", 0) for e in episodes) / n,
+    }
+
+
+def generation_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """Throughput metrics of ``RolloutWorker.run`` results (one, or several merged by ``merge_rollouts``)."""
+    reused = result.get("reused_tokens", 0)
+    return {
+        M.TOKENS_PER_S: result["action_tokens"] / max(result["seconds"], 1e-9),
+        M.TIME_ROLLOUT: result["seconds"],
+        M.ROLLOUT_ABORTED_EPISODES: float(result.get("aborted_episodes", 0)),
+        M.ROLLOUT_MIXED_VERSION_EPISODES: float(result.get("mixed_version_episodes", 0)),
+        M.ROLLOUT_KV_REUSE: reused / max(1, reused + result.get("prefilled_tokens", 0)),
+    }

@@ -21,13 +21,10 @@ is then restarted (when this process started it) so one broken run cannot poison
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
-import os
 import re
-import shlex
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -38,6 +35,7 @@ from typing import Any, Callable
 import yaml
 
 from common.config import Config, ConfigError, _build, load_config
+from learner.estimator_config import check_estimator_config
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +307,7 @@ def build_configs(exp: ExperimentConfig, runs: list[RunSpec]) -> dict[str, Confi
     for spec in runs:
         try:
             configs[spec.name] = load_config(exp.base_config, list(spec.overrides))
+            check_estimator_config(configs[spec.name].algorithm)
         except ConfigError as e:
             raise ConfigError(f"run {spec.name}: {e}") from e
     return configs
@@ -344,63 +343,3 @@ def read_state(out_dir: Path) -> dict[str, Any]:
         return json.loads((out_dir / STATE_FILE).read_text())
     except (OSError, ValueError):
         return {"sessions": []}
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
-
-
-def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``turnrl experiment`` arguments (mounted by ``common.cli``)."""
-    parser.add_argument("--config", default="deploy/configs/experiment.yaml", help="experiment YAML")
-    parser.add_argument("--out", default=None, help="directory of the run directories (default: out_dir)")
-    parser.add_argument("--only", nargs="+", default=None, metavar="GLOB",
-                        help="train only runs whose name matches, e.g. 'two_turn-*' '*-seed0'")
-    parser.add_argument("--report-only", action="store_true", help="rewrite the report from finished runs")
-    parser.add_argument("--no-report", action="store_true", help="train, but do not rewrite the report")
-    parser.add_argument("--dry-run", action="store_true", help="list the runs and their status, train nothing")
-    parser.add_argument("overrides", nargs="*", help="run-config overrides for every run, e.g. learner.lr=1e-3")
-
-
-def run_experiment_command(args: argparse.Namespace, argv: list[str]) -> int:
-    """``turnrl experiment``: train the grid (or a part of it) and write the report."""
-    from learner.results import write_report
-
-    try:
-        exp = load_experiment(args.config)
-        runs = expand_grid(exp, out_dir=args.out, extra=args.overrides)
-        selected = select_runs(runs, args.only)
-    except ConfigError as e:
-        log.error("%s", e)
-        return 2
-    out_dir = Path(args.out or exp.out_dir)
-    if args.dry_run:
-        try:
-            build_configs(exp, selected)
-        except ConfigError as e:
-            log.error("%s", e)
-            return 2
-        for spec in selected:
-            print(f"{run_status(spec.run_dir):8} {spec.name:40} turnrl train --config {exp.base_config} "
-                  + shlex.join(spec.overrides))
-        return 0
-    failed: list[str] = []
-    if not args.report_only:
-        started = time.time()
-        try:
-            outcome = run_grid(exp, selected)
-        except ConfigError as e:
-            log.error("%s", e)
-            return 2
-        record_session(out_dir, shlex.join(["turnrl", *argv]), outcome, started)
-        failed = outcome.failed
-        log.info("experiment: trained %d, skipped %d (done), failed %d, in %.1f min", len(outcome.trained),
-                 len(outcome.skipped), len(failed), outcome.wall_s / 60)
-    if not args.no_report:
-        path = write_report(exp, runs, read_state(out_dir), os.cpu_count() or 0)
-        log.info("report written to %s", path)
-    if failed:
-        log.error("failed runs (rerun the same command to redo them): %s", ", ".join(failed))
-        return 1
-    return 0

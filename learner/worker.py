@@ -21,18 +21,10 @@ import torch
 from common import metrics as M
 from learner.batch import EpisodeBatch, assemble
 from learner.credit import ESTIMATORS, broadcast_to_tokens
+from learner.estimator_config import estimator_hparams
 from learner.losses import behaviour_weights, entropy_from_logits, policy_loss, token_logprobs
 
 log = logging.getLogger(__name__)
-
-
-def estimator_hparams(algorithm: dict[str, Any]) -> dict[str, Any]:
-    """The ``algorithm.*`` hyperparameters the configured estimator takes (``config_sections.ESTIMATOR_HPARAMS``;
-    config validation rejects a non-default value for one it does not take, so nothing is dropped unseen)."""
-    from common.config_sections import ESTIMATOR_HPARAMS
-
-    accepted = inspect.signature(ESTIMATORS[algorithm["advantage"]]).parameters
-    return {k: algorithm[k] for k in ESTIMATOR_HPARAMS if k in accepted}
 
 
 def compute_turn_advantages(batch: EpisodeBatch, estimator: str, hparams: dict[str, Any]) -> torch.Tensor:

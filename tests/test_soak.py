@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from common import metrics as M
-from common.cli import main
+from learner.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 G, PROMPTS = 2, 2

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from common import metrics as M
 from common.replay.rows import prepare
+from common.replay.snapshot import load_snapshot, write_snapshot
 from common.replay.store import QueueFull, ReplayStore
 from common.replay.wire import register_arrow_serializers
 
@@ -198,11 +199,11 @@ class ReplayQueue:
     # -- state ------------------------------------------------------------------------------
     async def snapshot(self, path: str) -> dict[str, Any]:
         """Write contents and counters to directory ``path`` (Arrow IPC + JSON); returns the JSON state."""
-        return self.store.snapshot(path)
+        return write_snapshot(self.store, path)
 
     async def restore(self, path: str) -> int:
         """Load a snapshot into this empty queue (this queue's config applies); returns rows loaded."""
-        n = self.store.restore(path)
+        n = load_snapshot(self.store, path)
         await self._notify()
         return n
 

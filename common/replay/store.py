@@ -34,7 +34,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -421,19 +421,6 @@ class ReplayStore:
         self._clear()
         if self._spill_dir is not None and self._spill_dir_arg is None:
             shutil.rmtree(self._spill_dir, ignore_errors=True)
-
-    # -- snapshot / restore (common.replay.snapshot) -------------------------------------------
-    def snapshot(self, path: str | os.PathLike) -> dict[str, Any]:
-        """Write contents (Arrow IPC) and state + counters (JSON) to directory ``path``; returns the JSON state."""
-        from common.replay.snapshot import write_snapshot
-
-        return write_snapshot(self, path)
-
-    def restore(self, path: str | os.PathLike) -> int:
-        """Load a snapshot into this empty store (this store's config applies); return the rows loaded."""
-        from common.replay.snapshot import load_snapshot
-
-        return load_snapshot(self, path)
 
     def _clear(self) -> None:
         """Forget all contents (not the counters), deleting spill files."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from common.cli import main
+from learner.cli import main
 from common.config import ConfigError, MetricsConfig, load_config
 from common.modeling import check_model_dir
 

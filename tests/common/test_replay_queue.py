@@ -17,6 +17,7 @@ import pytest
 
 from common import metrics as M
 from common import schema as S
+from common.replay.snapshot import load_snapshot, write_snapshot
 from common.replay_queue import STALENESS_WEIGHT, QueueFull, ReplayQueue, ReplayStore
 
 
@@ -361,12 +362,12 @@ def test_snapshot_restore_keeps_contents_order_counters_and_versions(tmp_path: P
         src.put(b)
     src.put(_mixed_batches(2)[0])  # duplicates, counted
     first = src.take(1, 2)
-    state = src.snapshot(tmp_path / "snap")
+    state = write_snapshot(src, tmp_path / "snap")
     assert sorted(p.name for p in (tmp_path / "snap").iterdir()) == ["rows.arrow", "state.json"]
     assert state["learner_version"] == 2 and state["counters"]["dropped_duplicate_rows"] > 0
 
     dst = fresh()
-    assert dst.restore(tmp_path / "snap") == src.rows
+    assert load_snapshot(dst, tmp_path / "snap") == src.rows
     for name in ("rows", "n_ready", "n_groups", "put_rows_total", "get_rows_total",
                  "dropped_duplicate_rows", "learner_version"):  # bytes differ by chunking (offsets)
         assert getattr(dst, name) == getattr(src, name), name
@@ -377,17 +378,17 @@ def test_snapshot_restore_keeps_contents_order_counters_and_versions(tmp_path: P
     assert dst.take(2, 3) is None
 
     late = fresh()  # after restore, the bound is checked against the version the learner passes then
-    late.restore(tmp_path / "snap")
+    load_snapshot(late, tmp_path / "snap")
     assert late.take(100, 6) is None and late.rows == 0  # every held group lags > 2 at version 6
     assert late.dropped_stale_groups == state["counters"]["dropped_stale_groups"] + len(state["groups"])
 
     with pytest.raises(RuntimeError, match="empty queue"):
         src.put(batch(group_rows(77)))
-        src.restore(tmp_path / "snap")
+        load_snapshot(src, tmp_path / "snap")
     state_file = tmp_path / "snap" / "state.json"
     state_file.write_text(state_file.read_text().replace('"rows": ', '"rows": 1'))
     with pytest.raises(ValueError, match="damaged"):
-        fresh().restore(tmp_path / "snap")
+        load_snapshot(fresh(), tmp_path / "snap")
 
 
 def test_stats_are_declared_metrics() -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from common import schema as S
+from common.replay.snapshot import load_snapshot, write_snapshot
 from common.replay_queue import STALENESS_WEIGHT, ReplayStore
 from tests.common.test_replay_queue import assert_complete_groups, batch, turn_row
 
@@ -117,13 +118,13 @@ class _Sim:
 
     def pause_and_resume(self) -> None:
         """Everything stops; the queue is snapshotted and restored into a fresh actor; producers go on."""
-        self.store.snapshot(self.pause_dir)
+        write_snapshot(self.store, self.pause_dir)
         self.store.close()
         self.store = ReplayStore(**self.config)
-        self.store.restore(self.pause_dir)
+        load_snapshot(self.store, self.pause_dir)
 
     def save_checkpoint(self) -> None:
-        self.store.snapshot(self.ckpt_dir)
+        write_snapshot(self.store, self.ckpt_dir)
         self.checkpoint = (self.version, set(self.sent), set(self.released))
 
     def crash(self) -> None:
@@ -133,7 +134,7 @@ class _Sim:
         self.version, self.sent, self.released = self.checkpoint[0], set(self.checkpoint[1]), set(self.checkpoint[2])
         self.store.close()
         self.store = ReplayStore(**self.config)
-        self.store.restore(self.ckpt_dir)
+        load_snapshot(self.store, self.ckpt_dir)
         self.store.abort_groups()  # their producers are gone
         for p in self.producers:
             p.episodes, p.sent, p.version = {}, [], self.version

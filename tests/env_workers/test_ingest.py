@@ -191,7 +191,7 @@ def test_errors_name_the_file(tmp_path: Path) -> None:
 
 
 def test_build_index_from_source_and_cli(tmp_path: Path) -> None:
-    from common.cli import main
+    from learner.cli import main
 
     src = _jsonl(tmp_path / "c.jsonl", [
         {"id": "1", "title": "Apples", "text": "Apples are red fruit grown in orchards."},

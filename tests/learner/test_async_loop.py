@@ -238,7 +238,8 @@ def test_async_learner_sees_the_rows_produced_with_their_own_logprobs_and_versio
     from env_workers.prepare import prepare_data
     from learner.async_loop import AsyncLoop
     from learner.batch import assemble
-    from learner.driver import Trainer, episode_metrics
+    from learner.driver import Trainer
+    from learner.evaluation import episode_metrics
     from learner.evaluation import episode_summaries
 
     cfg = tiny_async_config(tiny_policy, tmp_path, "learner.lr=0.05", "generation.max_tokens_per_turn=8")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.cli import main as cli_main
+from learner.cli import main as cli_main
 from common.config import ConfigError, load_config
 from learner.experiment import (
     config_drift,

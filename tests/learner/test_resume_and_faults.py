@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from common import metrics as M
-from common.cli import main
+from learner.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 G, PROMPTS = 2, 2  # episodes per group, groups per step

@@ -1,15 +1,20 @@
-"""The ``turnrl`` command line."""
+"""The ``turnrl`` command line (the top of the dependency order: it may import every package)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shlex
 import sys
+import time
 from pathlib import Path
 
 from common.config import ConfigError, load_config
+from learner.estimator_config import check_estimator_config
 
 log = logging.getLogger("turnrl")
+elog = logging.getLogger("learner.experiment")  # the experiment runner's messages, as before
 
 
 def _setup_logging(level: str = "INFO") -> None:
@@ -33,8 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     from env_workers.cli import add_index_arguments, run_index
 
     add_index_arguments(sub.add_parser("index", help="build a BM25 index from a Wikipedia dump"))
-    from learner.experiment import add_experiment_arguments, run_experiment_command
-
     add_experiment_arguments(sub.add_parser(
         "experiment", help="train a grid of estimators x tasks x seeds (resumable) and write docs/results.md"))
     args = parser.parse_args(argv)
@@ -51,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         args.config = str(Path(args.resume) / "config.yaml")
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.command == "train":
+            check_estimator_config(cfg.algorithm)
     except ConfigError as e:
         print(f"turnrl: {e}", file=sys.stderr)
         return 2
@@ -76,6 +81,64 @@ def main(argv: list[str] | None = None) -> int:
         build_warmstart(cfg, out_dir=args.out or cfg.model.path)
         return 0
     return 1
+
+
+# -- turnrl experiment ------------------------------------------------------------------------------
+def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``turnrl experiment`` arguments."""
+    parser.add_argument("--config", default="deploy/configs/experiment.yaml", help="experiment YAML")
+    parser.add_argument("--out", default=None, help="directory of the run directories (default: out_dir)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="GLOB",
+                        help="train only runs whose name matches, e.g. 'two_turn-*' '*-seed0'")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report from finished runs")
+    parser.add_argument("--no-report", action="store_true", help="train, but do not rewrite the report")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and their status, train nothing")
+    parser.add_argument("overrides", nargs="*", help="run-config overrides for every run, e.g. learner.lr=1e-3")
+
+
+def run_experiment_command(args: argparse.Namespace, argv: list[str]) -> int:
+    """``turnrl experiment``: train the grid (or a part of it) and write the report."""
+    from learner.experiment import (build_configs, expand_grid, load_experiment, read_state, record_session,
+                                    run_grid, run_status, select_runs)
+    from learner.results import write_report
+
+    try:
+        exp = load_experiment(args.config)
+        runs = expand_grid(exp, out_dir=args.out, extra=args.overrides)
+        selected = select_runs(runs, args.only)
+    except ConfigError as e:
+        elog.error("%s", e)
+        return 2
+    out_dir = Path(args.out or exp.out_dir)
+    if args.dry_run:
+        try:
+            build_configs(exp, selected)
+        except ConfigError as e:
+            elog.error("%s", e)
+            return 2
+        for spec in selected:
+            print(f"{run_status(spec.run_dir):8} {spec.name:40} turnrl train --config {exp.base_config} "
+                  + shlex.join(spec.overrides))
+        return 0
+    failed: list[str] = []
+    if not args.report_only:
+        started = time.time()
+        try:
+            outcome = run_grid(exp, selected)
+        except ConfigError as e:
+            elog.error("%s", e)
+            return 2
+        record_session(out_dir, shlex.join(["turnrl", *argv]), outcome, started)
+        failed = outcome.failed
+        elog.info("experiment: trained %d, skipped %d (done), failed %d, in %.1f min", len(outcome.trained),
+                 len(outcome.skipped), len(failed), outcome.wall_s / 60)
+    if not args.no_report:
+        path = write_report(exp, runs, read_state(out_dir), os.cpu_count() or 0)
+        elog.info("report written to %s", path)
+    if failed:
+        elog.error("failed runs (rerun the same command to redo them): %s", ", ".join(failed))
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

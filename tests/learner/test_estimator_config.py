@@ -1,0 +1,38 @@
+"""learner/estimator_config.py: every estimator hyperparameter reaches exactly the estimators that take it,
+and a value one would never see, or an unknown estimator, is a config error naming the field."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from common import config_sections as C
+from common.config import ConfigError, load_config
+from learner.credit import ESTIMATORS
+from learner.estimator_config import check_estimator_config, estimator_hparams
+
+
+def _load(*overrides: str):
+    cfg = load_config(None, list(overrides))
+    check_estimator_config(cfg.algorithm)
+    return cfg
+
+
+def test_an_unknown_estimator_names_the_field_with_a_did_you_mean():
+    with pytest.raises(ConfigError, match=r"`algorithm.advantage` = 'mt_grpoo'.*did you mean 'mt_grpo'"):
+        _load("algorithm.advantage=mt_grpoo")
+
+
+@pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
+def test_estimators_get_exactly_the_hyperparameters_they_take(estimator):
+    cfg = _load(f"algorithm.advantage={estimator}")
+    accepted = set(inspect.signature(ESTIMATORS[estimator]).parameters)
+    given = estimator_hparams(vars(cfg.algorithm))
+    assert set(given) == accepted & set(C.ESTIMATOR_HPARAMS)
+    assert set(accepted) - {"turn_rewards", "outcome_rewards", "turn_mask", "group_ids", "state_ids"} <= set(
+        C.ESTIMATOR_HPARAMS), "an estimator keyword the config cannot set"
+    for name in set(C.ESTIMATOR_HPARAMS) - accepted:  # a value the estimator would never see is refused
+        value = "false" if name == "scale_by_std" else "0.5"
+        with pytest.raises(ConfigError, match=rf"`algorithm.{name}`.*does not take it"):
+            _load(f"algorithm.advantage={estimator}", f"algorithm.{name}={value}")
