@@ -33,38 +33,12 @@ import torch
 from actors.kv_slots import SlotForwardCache
 from actors.lean_forward import LeanForward
 from actors.messages import GenerationOutput, Request, SamplingParams  # noqa: F401 - re-exported
+from actors.sampling import sample, split_seed
 from actors.scheduler import SessionScheduler
 from actors.weights import PackedBucket, apply_bucket
+from common.hashing import stable_seed
 
 log = logging.getLogger(__name__)
-
-
-def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row; return (token ids [B], log-probs [B]).
-
-    The log-prob is that of the temperature-scaled *unfiltered* distribution
-    log softmax(z / T), which is what the learner recomputes; top-k / top-p only
-    restrict which tokens may be drawn.
-    """
-    scaled = logits.float() / max(p.temperature, 1e-6)  # [B, V]
-    logp = torch.log_softmax(scaled, dim=-1)  # [B, V]
-    if p.greedy:
-        tok = scaled.argmax(dim=-1)
-    else:
-        filt = scaled
-        if p.top_k and p.top_k < filt.shape[-1]:
-            kth = torch.topk(filt, p.top_k, dim=-1).values[:, -1:]
-            filt = filt.masked_fill(filt < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_z, idx = torch.sort(filt, descending=True, dim=-1)
-            probs = torch.softmax(sorted_z, dim=-1)
-            cum = probs.cumsum(-1) - probs  # mass strictly before each token
-            sorted_z = sorted_z.masked_fill(cum > p.top_p, float("-inf"))
-            filt = torch.full_like(filt, float("-inf")).scatter(-1, idx, sorted_z)
-        probs = torch.softmax(filt, dim=-1)
-        tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
 class HFEngine(SessionScheduler):
@@ -136,10 +110,9 @@ class HFEngine(SessionScheduler):
             mask[i, width - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        gen = None
-        if params.seed is not None:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(int(params.seed))
+        # the session path's sampler and counter-based RNG (actors/sampling.py); row i's seed from (seed, i)
+        seeds = [split_seed(stable_seed(params.seed, i) if params.seed is not None else self._rng.getrandbits(64))
+                 for i in range(b)]
 
         out_ids: list[list[int]] = [[] for _ in range(b)]
         out_lp: list[list[float]] = [[] for _ in range(b)]
@@ -151,7 +124,7 @@ class HFEngine(SessionScheduler):
         next_pos = pos[:, -1:] + 1
         step = 0
         while bool(active.any()):
-            tok, lp = sample_next(logits, params, gen)
+            tok, lp = sample(logits, [params] * b, seeds, [step] * b)
             tok_l, lp_l, act_l = tok.tolist(), lp.tolist(), active.tolist()
             step += 1
             for i in range(b):

@@ -78,3 +78,22 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, greedy: torch.T
         drawn = pick if order is None else order.gather(-1, pick[:, None]).squeeze(-1)
         tok = torch.where(sampled, drawn, tok) if any_greedy else drawn
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+def sample(logits: torch.Tensor, params: list, seeds: list[tuple[int, int]], counters: list[int]
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_rows` for rows given as ``SamplingParams`` each (``params[b]``), their split seeds
+    (:func:`split_seed`) and token counters: the one sampler of both engine paths.
+
+    Shapes: ``logits`` [B, V]; returns (token ids long[B], log-probs float[B]).
+    """
+    dev, f = logits.device, torch.float32
+    temp = torch.tensor([max(p.temperature, 1e-6) for p in params], dtype=f, device=dev)
+    greedy = torch.tensor([p.greedy for p in params], device=dev)
+    top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=dev)
+    top_p = torch.tensor([p.top_p for p in params], dtype=f, device=dev)
+    filtering = any((p.top_k and p.top_k < logits.shape[-1]) or p.top_p < 1.0 for p in params if not p.greedy)
+    lo32 = torch.tensor([s[0] for s in seeds], dtype=torch.long, device=dev)
+    hi32 = torch.tensor([s[1] for s in seeds], dtype=torch.long, device=dev)
+    ctr = torch.tensor(counters, dtype=torch.long, device=dev)
+    return sample_rows(logits, temp, greedy, top_k, top_p, lo32, hi32, ctr, filtering)

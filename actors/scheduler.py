@@ -48,7 +48,7 @@ import torch
 
 from actors.kv_slots import KVSlots
 from actors.messages import GenerationOutput, Request, SamplingParams
-from actors.sampling import sample_rows, split_seed
+from actors.sampling import sample, split_seed
 from common.hashing import stable_seed
 
 log = logging.getLogger(__name__)
@@ -297,18 +297,8 @@ class SessionScheduler:
         if len(live) < len(rows):
             logits = logits[live]
         act = [rows[b] for b in live]
-        dev = logits.device
-        f = torch.float32
-        temp = torch.tensor([max(r.params.temperature, 1e-6) for r in act], dtype=f, device=dev)
-        greedy = torch.tensor([r.params.greedy for r in act], device=dev)
-        top_k = torch.tensor([r.params.top_k for r in act], dtype=torch.long, device=dev)
-        top_p = torch.tensor([r.params.top_p for r in act], dtype=f, device=dev)
-        filtering = any((r.params.top_k and r.params.top_k < logits.shape[-1]) or r.params.top_p < 1.0
-                        for r in act if not r.params.greedy)
-        lo32 = torch.tensor([r.seed_lo for r in act], dtype=torch.long, device=dev)
-        hi32 = torch.tensor([r.seed_hi for r in act], dtype=torch.long, device=dev)
-        ctr = torch.tensor([len(r.out_ids) for r in act], dtype=torch.long, device=dev)
-        tok, lp = sample_rows(logits, temp, greedy, top_k, top_p, lo32, hi32, ctr, filtering)
+        tok, lp = sample(logits, [r.params for r in act], [(r.seed_lo, r.seed_hi) for r in act],
+                         [len(r.out_ids) for r in act])
         for r, t, l in zip(act, tok.tolist(), lp.tolist()):
             r.out_ids.append(t)
             r.out_lp.append(l)

@@ -121,8 +121,7 @@ class GeneratorsConfig:
     num_gpus: float = 0.0  # Ray GPUs per generator actor
     torch_threads: int | None = None  # intra-op threads per generator actor; null: auto (common.config.torch_threads: local mode splits this machine's cores between the roles that compute at once, a cluster uses num_cpus)
     max_restarts: int = 3  # Ray restarts of a dead generator (it reloads the latest weights before serving)
-    session_kv: bool = True  # keep each episode's KV cache on its generator between turns (False: re-prefill the history every turn)
-    streaming: bool = False  # rollout: an episode's next turn joins the running batch as soon as its env step returns (needs session_kv)
+    streaming: bool = False  # rollout: an episode's next turn joins the running batch as soon as its env step returns (false: turn-synchronous rounds)
     kv_budget_tokens: int = 262144  # hf: KV tokens a generator may hold (running turns' reservations + idle sessions; idle ones are evicted, then re-prefilled)
     max_prefill_tokens: int = 8192  # hf: padded tokens per prefill forward (bounds activation memory)
     keep_kv_across_versions: bool = False  # hf: reuse KV computed by older weights after an update (faster, slightly off-policy)
@@ -139,8 +138,6 @@ class GeneratorsConfig:
             _fail(f"{p}.kv_budget_tokens", self.kv_budget_tokens, "must be >= 64 (one turn needs its history + max tokens)")
         if self.max_prefill_tokens < 1:
             _fail(f"{p}.max_prefill_tokens", self.max_prefill_tokens, "must be >= 1")
-        if self.streaming and not self.session_kv:
-            _fail(f"{p}.streaming", self.streaming, "needs generators.session_kv: true")
         if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
             _fail(f"{p}.vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization, "must be in (0, 1]")
         if self.backend not in ("hf", "vllm"):

@@ -50,12 +50,12 @@ def generator_kwargs(cfg: Config) -> dict[str, Any]:
 
 
 def rollout_kwargs(cfg: Config) -> dict[str, Any]:
-    """Keyword arguments of ``RolloutWorker`` from ``generation.*`` caps, ``generators.session_kv/streaming``
+    """Keyword arguments of ``RolloutWorker`` from ``generation.*`` caps, ``generators.streaming``
     and ``rollout.partial_rollouts / max_aborts_per_episode``."""
     return {
         "max_tokens_per_turn": cfg.generation.max_tokens_per_turn,
         "max_tokens_per_episode": cfg.generation.max_tokens_per_episode,
-        "session_kv": cfg.generators.session_kv, "streaming": cfg.generators.streaming,
+        "streaming": cfg.generators.streaming,
         "partial_rollouts": cfg.rollout.partial_rollouts, "max_aborts_per_episode": cfg.rollout.max_aborts_per_episode,
     }
 

@@ -55,11 +55,10 @@ def _push(cluster, version: int, state: dict[str, torch.Tensor]) -> None:
     ray.get([g.update_weights.remote(version, refs) for g in cluster["gens"]])
 
 
-def _rollout(cluster, session_kv: bool, seed: int | None = None, streaming: bool = False):
+def _rollout(cluster, seed: int | None = None, streaming: bool = False):
     queue = ListQueue()
     worker = RolloutWorker(cluster["path"], cluster["gens"], [cluster["env"]], LocalHandle(queue), run_id="t",
-                           max_tokens_per_turn=8, max_tokens_per_episode=200, session_kv=session_kv,
-                           streaming=streaming)
+                           max_tokens_per_turn=8, max_tokens_per_episode=200, streaming=streaming)
     examples = [{"question": q} for q in ("Where is Karo Velmin from?", "Who is Karo?", "Born when?")]
     params = SamplingParams(greedy=seed is None, max_new_tokens=8, seed=seed, stop=["</tool>"])
     res = worker.run(examples, group_size=2, first_group_id=0, first_episode_id=0, params=params)
@@ -67,15 +66,20 @@ def _rollout(cluster, session_kv: bool, seed: int | None = None, streaming: bool
     return res, rows, worker
 
 
-def test_rollout_session_path_equals_the_stateless_path(cluster):
-    res_old, old, _ = _rollout(cluster, session_kv=False)
-    res_new, new, worker = _rollout(cluster, session_kv=True)
-    assert len(new) == len(old) == 6 * 3 and res_new["action_tokens"] == res_old["action_tokens"]
-    for a, b in zip(old, new):
-        assert (a[S.EPISODE_ID], a[S.TURN_INDEX]) == (b[S.EPISODE_ID], b[S.TURN_INDEX])
-        assert a[S.ACTION_TOKEN_IDS] == b[S.ACTION_TOKEN_IDS]
-        assert a[S.OBSERVATION_TOKEN_IDS] == b[S.OBSERVATION_TOKEN_IDS]
-        assert torch.allclose(torch.tensor(a[S.ACTION_LOGPROBS]), torch.tensor(b[S.ACTION_LOGPROBS]), atol=1e-4)
+def test_rollout_sessions_give_what_re_prefilling_the_history_gives(cluster, local):
+    """Each turn of a session rollout (the generator keeps the episode's KV) is what a stateless engine
+    re-prefilling the whole token history decodes: the same tokens, log-probs to float noise."""
+    res_new, new, worker = _rollout(cluster)
+    assert len(new) == 6 * 3
+    history: dict[int, list[int]] = {}
+    stop = SamplingParams(greedy=True, max_new_tokens=8, stop=["</tool>"])
+    for r in new:
+        hist = history.setdefault(r[S.EPISODE_ID], list(r[S.CONTEXT_TOKEN_IDS]))
+        [ref] = local.generate([hist], stop)
+        assert ref.token_ids == r[S.ACTION_TOKEN_IDS]
+        assert torch.allclose(torch.tensor(ref.logprobs), torch.tensor(r[S.ACTION_LOGPROBS]), atol=1e-4)
+        hist += r[S.ACTION_TOKEN_IDS] + r[S.OBSERVATION_TOKEN_IDS]
+    assert res_new["action_tokens"] == sum(len(r[S.ACTION_TOKEN_IDS]) for r in new)
     # both generators served sessions, and ended episodes were freed
     ray = cluster["ray"]
     stats = ray.get([g.stats.remote() for g in cluster["gens"]])
@@ -83,8 +87,8 @@ def test_rollout_session_path_equals_the_stateless_path(cluster):
     assert sum(s["sessions"] for s in stats) == 0
     # streaming (next turns join the running batch as env steps return) samples the same tokens:
     # seeds are per (run seed, episode, turn), so scheduling does not change an episode
-    _, s1, _ = _rollout(cluster, session_kv=True, seed=3)
-    res, s2, _ = _rollout(cluster, session_kv=True, seed=3, streaming=True)
+    _, s1, _ = _rollout(cluster, seed=3)
+    res, s2, _ = _rollout(cluster, seed=3, streaming=True)
     assert [r[S.ACTION_TOKEN_IDS] for r in s1] == [r[S.ACTION_TOKEN_IDS] for r in s2]
     assert res["rows"] == len(s2) == 18 and [r[S.TURN_INDEX] for r in s2] == [0, 1, 2] * 6
     assert sum(s["sessions"] for s in ray.get([g.stats.remote() for g in cluster["gens"]])) == 0
@@ -184,12 +188,12 @@ def test_killed_generator_during_a_streaming_rollout(cluster):
     import threading
 
     ray = cluster["ray"]
-    ref_res, ref_rows, _ = _rollout(cluster, session_kv=True, seed=4, streaming=True)
+    ref_res, ref_rows, _ = _rollout(cluster, seed=4, streaming=True)
     victim = cluster["gens"][1]
     before = ray.get(victim.instance_id.remote())
     out: dict = {}
     th = threading.Thread(target=lambda: out.update(zip(("res", "rows", "w"), _rollout(
-        cluster, session_kv=True, seed=4, streaming=True))))
+        cluster, seed=4, streaming=True))))
     th.start()
     ray.kill(victim, no_restart=False)
     th.join(timeout=120)
@@ -306,7 +310,7 @@ def test_partial_rollouts_after_a_push_mid_episode(cluster, local, mode, streami
 def test_state_hash_covers_the_observation_history(cluster):
     """schema.STATE_HASH is the hash of the prompt and every observation before the turn: rows of different
     prompts that saw the same last observation are different states (GiGPO groups only equal histories)."""
-    _, rows, _ = _rollout(cluster, session_kv=True)
+    _, rows, _ = _rollout(cluster)
     by_obs: dict = {}
     for r in rows:
         if r[S.TURN_INDEX] == 0:

@@ -5,14 +5,13 @@ import pytest
 from common.config import ConfigError, load_config
 
 
-def test_defaults_turn_sessions_on_and_streaming_off():
+def test_defaults_streaming_off():
     g = load_config(None, []).generators
-    assert g.session_kv is True and g.streaming is False and g.keep_kv_across_versions is False
+    assert g.streaming is False and g.keep_kv_across_versions is False
     assert g.kv_budget_tokens >= 64 and g.max_prefill_tokens >= 1
 
 
 @pytest.mark.parametrize("overrides, field", [
-    (["generators.streaming=true", "generators.session_kv=false"], "generators.streaming"),
     (["generators.kv_budget_tokens=10"], "generators.kv_budget_tokens"),
     (["generators.max_prefill_tokens=0"], "generators.max_prefill_tokens"),
     (["generators.vllm_gpu_memory_utilization=1.5"], "generators.vllm_gpu_memory_utilization"),

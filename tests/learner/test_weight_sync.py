@@ -75,7 +75,7 @@ def test_generator_settings_reach_the_engine_in_the_actor(actors):
     stats = ray.get(actors["gens"][0].stats.remote())
     assert stats["kv_budget_tokens"] == 4096  # the scheduler's own budget, not just the stored argument
     worker = RolloutWorker(actors["path"], actors["gens"], [], **rollout_kwargs(cfg))
-    assert (worker.session_kv, worker.streaming) == (True, True)
+    assert worker.streaming is True
     assert (worker.max_tokens_per_turn, worker.max_tokens_per_episode) == (12, 300)
     assert (worker.partial_rollouts, worker.max_aborts_per_episode) == ("abort", 5)
 
