@@ -381,8 +381,24 @@ class MetricsConfig:
     discovery_dir: str | None = "/tmp/turnrl/prometheus"  # while a run lives, the driver writes <run name>.json (Prometheus file_sd) here; deploy/prometheus/prometheus.yml globs this folder; null: off
     advertise_host: str | None = None  # host put in the file_sd targets; null: metrics.host, or this node's IP when host is 0.0.0.0
     linger_s: float = 0.0  # keep serving /metrics this many seconds after the run so the last values get scraped
+    report_to: list[str] = field(default_factory=list)  # trackers beside metrics.jsonl, through their own libraries: tensorboard (<run_dir>/tensorboard) | wandb (see wandb_mode)
+    wandb_project: str = "turnrl"  # report_to wandb: the W&B project
+    wandb_mode: str = "offline"  # report_to wandb: offline (files under <run_dir>/wandb; `wandb sync` uploads them) | online (needs network and `wandb login`)
 
     def validate(self, p: str) -> None:
+        from common.metrics import REPORT_TO
+
+        for name in self.report_to:
+            if name not in REPORT_TO:
+                _fail(f"{p}.report_to", self.report_to, f"{name!r} is not a tracker; use any of {list(REPORT_TO)}")
+        if len(set(self.report_to)) != len(self.report_to):
+            _fail(f"{p}.report_to", self.report_to, "names a tracker twice")
+        if self.wandb_mode not in ("offline", "online"):
+            _fail(f"{p}.wandb_mode", self.wandb_mode, "must be offline or online")
+        if "wandb" not in self.report_to:
+            for name, default in (("wandb_project", "turnrl"), ("wandb_mode", "offline")):
+                if getattr(self, name) != default:
+                    _fail(f"{p}.{name}", getattr(self, name), "applies only with wandb in metrics.report_to")
         if self.log_every < 1:
             _fail(f"{p}.log_every", self.log_every, "must be >= 1")
         if self.linger_s < 0:

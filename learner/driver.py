@@ -253,6 +253,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     from common.modeling import check_model_dir
 
     check_estimator_config(cfg.algorithm)  # the config rules that need the estimators (ConfigError)
+    M.check_report_to(cfg.metrics.report_to)  # a tracker's package is missing: say so before Ray starts
     check_model_dir(cfg.model.path)  # fails before Ray starts (and before data prep) on a bad model directory
     if cfg.algorithm.ref_model_path:
         check_model_dir(cfg.algorithm.ref_model_path)
@@ -272,7 +273,10 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
             ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
                      log_to_driver=True, runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ.get(
                          "DS_ACCELERATOR", "cpu"), "TOKENIZERS_PARALLELISM": "false"}})
-    sink = M.MetricsSink(run_dir, enabled=cfg.metrics.enabled, host=cfg.metrics.host, port=cfg.metrics.port)
+    mc = cfg.metrics
+    sink = M.MetricsSink(run_dir, enabled=mc.enabled, host=mc.host, port=mc.port, report_to=mc.report_to,
+                         run_name=run_dir.name, config=cfg.to_dict(), wandb_project=mc.wandb_project,
+                         wandb_mode=mc.wandb_mode)
     targets = None
     if sink.port is not None:
         (run_dir / "metrics_endpoint.txt").write_text(f"http://{cfg.metrics.host}:{sink.port}/metrics\n")

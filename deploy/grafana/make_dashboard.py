@@ -47,6 +47,11 @@ class Panel:
 
 
 def turnrl(name: str, legend: str) -> tuple[str, str]:
+    """A panel target: the metric's value, or for a duration histogram its mean per step over the interval."""
+    if M.prometheus_kind(name) == "histogram":
+        base = M.prometheus_name(name)
+        expr = f"rate({base}_sum{RUN}[$__rate_interval]) / rate({base}_count{RUN}[$__rate_interval])"
+        return expr, "{{run}} " + legend
     return series(name), "{{run}} " + legend
 
 
@@ -105,8 +110,9 @@ ROWS: list[tuple[str, list[Panel]]] = [
                turnrl(M.ROLLOUT_KV_REUSE, "KV reuse fraction")],
               right_axis=["episodes/s", "KV reuse fraction"]),
         Panel("Step phase times",
-              "Seconds per step in each phase of the loop: rollout (generation + environment), advantages, "
-              "DeepSpeed update, weight push, and the whole step.",
+              "Seconds per step in each phase of the loop (mean over the interval, from the duration "
+              "histograms): rollout (generation + environment), advantages, DeepSpeed update, weight push, "
+              "and the whole step.",
               [turnrl(M.TIME_ROLLOUT, "rollout"), turnrl(M.TIME_ADVANTAGE, "advantages"),
                turnrl(M.TIME_UPDATE, "update"), turnrl(M.TIME_SYNC, "weight push"), turnrl(M.TIME_STEP, "step")],
               unit="s", min=0),

@@ -38,6 +38,9 @@ def test_unknown_key_gets_did_you_mean(tmp_path):
     ("queue.put_timeout_s=0", "queue.put_timeout_s"),
     ("rollout.mode=asynchronous", "rollout.mode"),
     ("env.step_latency_s=-1", "env.step_latency_s"),
+    ("metrics.report_to=[tb]", "metrics.report_to"),
+    ("metrics.report_to=[wandb,wandb]", "metrics.report_to"),
+    ("metrics.wandb_mode=online", "metrics.wandb_mode"),
 ])
 def test_bad_values_name_field_and_rule(override, field):
     with pytest.raises(ConfigError) as e:
