@@ -77,7 +77,7 @@ class _Call:
 
 
 class AsyncLoop:
-    """Runs asynchronous training steps on a ``learner.driver.Trainer``; ``step()`` returns the step's metrics.
+    """Runs asynchronous training steps on a ``learner.trainer.Trainer``; ``step()`` returns the step's metrics.
 
     Args:
         trainer: the run's actors (``rollout``, ``queue``, learners, generators) and its counters.

@@ -241,7 +241,7 @@ def load_engine(engine: Any, directory: str, rank: int) -> dict[str, Any]:
 
 # -- the driver side ---------------------------------------------------------------------------
 class Checkpointer:
-    """Saves and restores a ``learner.driver.Trainer`` (its actors, counters and sampler).
+    """Saves and restores a ``learner.trainer.Trainer`` (its actors, counters and sampler).
 
     ``save`` is a collective over the learner ranks (each writes its DeepSpeed shard), then the
     queue snapshot, then the driver state; ``restore`` reverses it, and pushes the restored

@@ -1,6 +1,6 @@
 """End-to-end training throughput, asynchronous vs synchronous actor-learner mode, same run.
 
-A ``learner.driver.Trainer`` per mode (generator, env worker, replay queue, rollout worker, DeepSpeed
+A ``learner.trainer.Trainer`` per mode (generator, env worker, replay queue, rollout worker, DeepSpeed
 learner on CPU; each mode's own torch threads, see ``common.config.torch_threads``) is built from the
 embedded config (``deploy/configs/local.yaml``, warm-start policy, demo data) with the batch set by
 ``--prompts`` / ``--group-size``. Each round runs
@@ -100,7 +100,7 @@ def compare(cfgs: dict, args: argparse.Namespace, label: str) -> dict[str, dict[
     """Alternate sync and async rounds, each mode on a Trainer of its own config (its own torch threads:
     ``torch_threads: null`` gives each role every core in sync mode, half of them in async); medians per mode."""
     from env_workers.prepare import prepare_data
-    from learner.driver import Trainer
+    from learner.trainer import Trainer
 
     trainers = {mode: Trainer(cfg, Path(tempfile.mkdtemp(prefix=f"turnrl-bench-{mode}-")), prepare_data(cfg.data))
                 for mode, cfg in cfgs.items()}

@@ -51,7 +51,7 @@ def run_turnrl(cfg, mode: str, steps: int, warmup: int) -> None:
     from common import metrics as M
     from env_workers.prepare import prepare_data
     from learner.async_loop import AsyncLoop
-    from learner.driver import Trainer
+    from learner.trainer import Trainer
 
     ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",

@@ -58,7 +58,7 @@ class HFEpisodes:
         from env_workers.env import WikiSearchEnv
         from env_workers.index import BM25Index
         from env_workers.prepare import prepare_data
-        from learner.driver import make_env_kwargs
+        from learner.trainer import make_env_kwargs
 
         self.cfg, self.model, self.tok = cfg, model, tokenizer
         self.index = BM25Index.load(str(prepare_data(cfg.data).index_dir))

@@ -7,7 +7,7 @@ the learner, every trained group is complete, and no turn is trained twice.
   in for the rollout worker (turns at the version its "generators" hold, with pauses) and a learner
   that bumps its version. The producer is killed mid-run; Ray restarts it, and its first call after
   the restart produces turns two versions old (a generator that came back on old weights).
-* ``slow``: the real ``learner.driver.Trainer`` (generator, env worker, rollout worker, DeepSpeed
+* ``slow``: the real ``learner.trainer.Trainer`` (generator, env worker, rollout worker, DeepSpeed
   learner); the rollout worker and then the generator are killed mid-run.
 """
 
@@ -113,10 +113,10 @@ class SimRollout:
 
 
 class SimTrainer:
-    """What ``AsyncLoop`` uses of ``learner.driver.Trainer``, with a learner that only counts versions."""
+    """What ``AsyncLoop`` uses of ``learner.trainer.Trainer``, with a learner that only counts versions."""
 
     def __init__(self, cfg, queue, rollout, weights):
-        from learner.driver import QuestionSampler
+        from learner.trainer import QuestionSampler
         from learner.faults import EpisodeAudit
 
         self.cfg, self.queue, self.rollout, self.weights = cfg, queue, rollout, weights
@@ -184,7 +184,7 @@ def test_lag_bound_holds_across_rollout_worker_and_generator_restarts(tiny_polic
 
     from env_workers.prepare import prepare_data
     from learner.async_loop import AsyncLoop
-    from learner.driver import Trainer
+    from learner.trainer import Trainer
 
     cfg = tiny_async_config(tiny_policy, tmp_path)
     trainer = Trainer(cfg, tmp_path / "run", prepare_data(cfg.data))
@@ -238,7 +238,7 @@ def test_async_learner_sees_the_rows_produced_with_their_own_logprobs_and_versio
     from env_workers.prepare import prepare_data
     from learner.async_loop import AsyncLoop
     from learner.batch import assemble
-    from learner.driver import Trainer
+    from learner.trainer import Trainer
     from learner.evaluation import episode_metrics
     from learner.evaluation import episode_summaries
 

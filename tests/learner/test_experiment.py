@@ -267,7 +267,7 @@ def test_report_tables_are_mean_and_sample_std_over_seeds(tmp_path):
     exp_path = _write_exp(tmp_path)
     _fake_grid(tmp_path)
     (tmp_path / "README.md").write_text(f"# x\n\nintro\n\n{README_START}\nold\n{README_END}\n\nafter\n")
-    exp = load_experiment(exp_path)
+    load_experiment(exp_path)  # the experiment file parses
     (tmp_path / "runs").mkdir(exist_ok=True)
     cmd = "turnrl experiment --config exp.yaml"
     (tmp_path / "runs/experiment.json").write_text(json.dumps({"sessions": [

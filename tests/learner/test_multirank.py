@@ -206,7 +206,6 @@ def test_staleness_weight_scales_the_groups_gradient(setup):
 def test_prefix_sharing_equals_the_padded_forward(setup):
     """learner.prefix_sharing: the forward over distinct prefixes takes the same step as one padded row per
     episode, on a batch whose groups share prompts and, in part, first turns (learner/packed_forward.py)."""
-    from learner.packed_forward import PrefixTree
 
     ray, model_dir, _, _ = setup
     from common.modeling import load_tokenizer

@@ -1,0 +1,208 @@
+"""The run's actors and the phases of a step: ``Trainer`` (generators, env workers, replay queue, rollout
+workers, DeepSpeed learner ranks, weight sync) and the question sampler.
+
+The loop that calls these phases is ``learner.driver.train``; the asynchronous schedule is
+``learner.async_loop.AsyncLoop``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from common import metrics as M
+from common import schema as S
+from common.config import Config, torch_threads
+from env_workers.prepare import DataPaths
+from learner.cluster import Placement, RestartCounter
+from learner.evaluation import episode_metrics, episode_summaries, summarize_episodes
+from learner.faults import EpisodeAudit, rollout_with_retries
+from learner.weight_sync import generator_kwargs, make_weight_sync, rollout_kwargs
+
+log = logging.getLogger(__name__)
+
+
+def make_env_kwargs(cfg: Config) -> dict[str, Any]:
+    """Keyword arguments of every ``WikiSearchEnv`` of the run, from ``env.*``."""
+    from env_workers.env import DEFAULT_SYSTEM_PROMPT, SYSTEM_PROMPTS
+    from env_workers.rewards import RewardWeights
+
+    return {
+        "system_prompt": cfg.env.system_prompt or SYSTEM_PROMPTS.get(cfg.env.protocol, DEFAULT_SYSTEM_PROMPT),
+        "protocol": cfg.env.protocol, "max_turns": cfg.env.max_turns, "top_k": cfg.env.top_k,
+        "max_result_chars": cfg.env.max_result_chars, "answer_match": cfg.env.answer_match,
+        "weights": RewardWeights(**vars(cfg.env.rewards)),
+    }
+
+
+class QuestionSampler:
+    """Shuffled pass over the training questions, epoch after epoch; position is checkpointable."""
+
+    def __init__(self, questions: list[dict], seed: int):
+        self.questions = questions
+        self.seed = seed
+        self.epoch = 0
+        self.pos = 0
+        self._order = self._shuffle()
+
+    def _shuffle(self) -> list[int]:
+        order = list(range(len(self.questions)))
+        random.Random(self.seed + self.epoch).shuffle(order)
+        return order
+
+    def next(self, n: int) -> list[dict]:
+        out = []
+        while len(out) < n:
+            if self.pos >= len(self._order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._shuffle()
+            i = self._order[self.pos]
+            out.append({**self.questions[i], "prompt_id": i})
+            self.pos += 1
+        return out
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "num_questions": len(self.questions)}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        if state["num_questions"] != len(self.questions) or state["seed"] != self.seed:
+            raise ValueError(f"sampler state {state} does not fit {len(self.questions)} questions with seed "
+                             f"{self.seed}: the training questions changed since the checkpoint")
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._order = self._shuffle()
+
+
+class Trainer:
+    """Owns the actors of one run; Ray plumbing stays in the actor classes and here."""
+
+    def __init__(self, cfg: Config, run_dir: Path, data: DataPaths):
+        import ray
+
+        from actors.engine import SamplingParams
+        from actors.generator import Generator, WeightStore
+        from actors.rollout import RolloutWorker
+        from common.replay_queue import ReplayQueue, register_arrow_serializers
+        from env_workers.demo_data import load_questions
+        from env_workers.worker import EnvWorker
+        from learner.worker import LearnerWorker
+
+        self.cfg, self.run_dir = cfg, run_dir
+        self.SamplingParams = SamplingParams
+        register_arrow_serializers()  # tables this process sends the learners travel as one Arrow IPC buffer
+        model_path = str(Path(cfg.model.path).resolve())
+        self.train_questions = load_questions(data.train, max_hops=cfg.data.max_hops)
+        self.eval_questions = load_questions(data.eval, max_hops=cfg.data.max_hops)
+        rnd = random.Random(cfg.run.seed + 17)
+        rnd.shuffle(self.eval_questions)
+        self.eval_questions = self.eval_questions[: cfg.eval.num_questions]
+        self.sampler = QuestionSampler(self.train_questions, cfg.run.seed)
+
+        env_kwargs = make_env_kwargs(cfg)
+        g = cfg.generators
+        log.info("torch threads: %d per generator, %d per learner rank (rollout.mode %s)", *torch_threads(cfg),
+                 cfg.rollout.mode)
+        # learner ranks packed in one placement group; generators on their own GPUs unless colocated
+        self.placement = Placement(cfg, run_dir.name)
+        self.weight_store = ray.remote(WeightStore).options(num_cpus=0).remote()
+        self.generators = [
+            ray.remote(Generator).options(num_cpus=g.num_cpus, num_gpus=g.num_gpus, max_restarts=g.max_restarts,
+                                          max_task_retries=2, **self.placement.generator_options(i)).remote(
+                model_path, weight_store=self.weight_store, **generator_kwargs(cfg))
+            for i in range(g.num)
+        ]
+        self.env_workers = [
+            ray.remote(EnvWorker).options(num_cpus=cfg.env.num_cpus, max_restarts=cfg.env.max_restarts).remote(
+                str(data.index_dir), env_kwargs, step_latency_s=cfg.env.step_latency_s)
+            for _ in range(cfg.env.num_workers)
+        ]
+        self.queue = ray.remote(ReplayQueue).options(num_cpus=0).remote(**cfg.queue.queue_kwargs())
+        self.rollouts = [  # rollout.num_workers (async): that many rollout calls may run at once
+            ray.remote(RolloutWorker).options(num_cpus=0, max_restarts=cfg.rollout.max_restarts).remote(
+                model_path, self.generators, self.env_workers, self.queue, run_id=run_dir.name,
+                env_restart_wait_s=cfg.faults.restart_wait_s, **rollout_kwargs(cfg))
+            for i in range(cfg.rollout.num_workers)]
+        self.rollout = self.rollouts[0]  # sync steps, evaluation and fault injection
+        a, lc = cfg.algorithm, cfg.learner
+        master_addr, port = self.placement.rendezvous()
+        self.learners = [
+            ray.remote(LearnerWorker).options(**self.placement.learner_options(r)).remote(
+                model_path, learner={**vars(lc), "betas": list(lc.betas), "dtype": cfg.model.dtype,
+                                     "torch_threads": torch_threads(cfg)[1]},
+                algorithm={**vars(a), "ref_model_path": str(Path(a.ref_model_path).resolve()) if a.ref_model_path
+                           else None}, temperature=cfg.generation.temperature,
+                batch_episodes=a.prompts_per_step * a.group_size, rank=r, world_size=lc.num_ranks,
+                master_port=port, master_addr=master_addr, seed=cfg.run.seed,
+                loss_norm_len=cfg.generation.max_tokens_per_episode)
+            for r in range(lc.num_ranks)
+        ]
+        ray.get([x.ping.remote() for x in self.generators])
+        ray.get([x.get_version.remote() for x in self.learners])
+        self.weight_sync = make_weight_sync(cfg, self.learners, self.generators, self.weight_store)  # learner.weight_sync
+        self.restarts = RestartCounter({"generator": self.generators, "env_worker": self.env_workers,
+                                        "learner": self.learners, "rollout": self.rollouts, "queue": [self.queue]})
+        self.version = 0
+        self.episode_counter = 0
+        self.group_counter = 0
+        self.audit = EpisodeAudit()  # every episode counted exactly once (learner/faults.py)
+
+    # -- phases -----------------------------------------------------------------------------
+    def sampling(self, *, greedy: bool = False, seed: int | None = None):
+        gc = self.cfg.generation
+        return self.SamplingParams(temperature=gc.temperature, top_p=gc.top_p, top_k=gc.top_k,
+                                   max_new_tokens=gc.max_tokens_per_turn, greedy=greedy, stop=list(gc.stop),
+                                   seed=seed)
+
+    def rollout_phase(self, questions: list[dict], step: int) -> dict[str, Any]:
+        # G episodes per question; run again under new ids if the rollout worker dies (learner/faults.py)
+        return rollout_with_retries(self, questions, self.sampling(seed=self.cfg.run.seed * 1_000_003 + step))
+
+    def update_phase(self, n_groups: int) -> dict[str, float]:
+        import ray
+
+        table = ray.get(self.queue.get.remote(n_groups, self.version))
+        if table is None:
+            raise RuntimeError("the replay queue released no complete group; see queue metrics")
+        return self.train_on(table)
+
+    def train_on(self, table) -> dict[str, float]:
+        """One learner step on an Arrow table of complete groups (every rank); returns the step's metrics."""
+        import ray
+
+        table_ref = ray.put(table)  # one copy in the object store for every rank
+        per_rank = ray.get([lw.train_step.remote(table_ref) for lw in self.learners])
+        self.audit.train(table.column(S.EPISODE_ID).to_pylist())
+        summed = (M.LEARNER_TOKENS, M.LEARNER_UNIQUE_TOKENS)  # work counts add up over the ranks' shards
+        stats = {k: sum(r[k] for r in per_rank) / (1 if k in summed else len(per_rank)) for k in per_rank[0]}
+        self.version = int(stats[M.POLICY_VERSION])
+        stats.update(episode_metrics(episode_summaries(table)))  # rollout/* of exactly the episodes trained on
+        return stats
+
+    def sync_phase(self) -> float:
+        t0 = time.time()
+        self.weight_sync.push(self.version)  # object store or broadcast from rank 0 (learner/weight_sync.py)
+        return time.time() - t0
+
+    def evaluate(self, label: str, greedy: bool) -> dict[str, float]:
+        import ray
+
+        res = ray.get(self.rollout.run.remote(
+            self.eval_questions, group_size=1, first_group_id=-(10**9), first_episode_id=-(10**9),
+            params=self.sampling(greedy=greedy, seed=self.cfg.run.seed + 99), to_queue=False))
+        summary = summarize_episodes(res["episodes"])
+        log.info("eval %s: %s", label, {k: round(v, 3) for k, v in summary.items()})
+        return summary
+
+    def close(self) -> None:
+        """Kill this run's actors and free its placement group; Ray itself stays up for the next run."""
+        import ray
+
+        for handle in [*self.rollouts, *self.generators, *self.env_workers, *self.learners, self.queue,
+                       self.weight_store]:
+            try:
+                ray.kill(handle, no_restart=True)
+            except Exception as e:  # noqa: BLE001 - best effort at shutdown
+                log.debug("could not kill an actor: %s", e)
+        self.placement.remove()
