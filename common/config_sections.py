@@ -215,20 +215,10 @@ class QueueConfig:
     put_timeout_s: float | None = None  # a producer waiting longer than this for room fails (QueueFull); null: wait as long as it takes
 
     def validate(self, p: str) -> None:
-        if self.capacity_rows < 1:
-            _fail(f"{p}.capacity_rows", self.capacity_rows, "must be >= 1")
-        if self.max_policy_lag < 0:
-            _fail(f"{p}.max_policy_lag", self.max_policy_lag, "must be >= 0")
-        if self.capacity_bytes is not None and self.capacity_bytes < 1:
-            _fail(f"{p}.capacity_bytes", self.capacity_bytes, "must be >= 1 or null")
-        if self.stale_mode not in ("drop", "reweight"):
-            _fail(f"{p}.stale_mode", self.stale_mode, "must be 'drop' or 'reweight'")
-        if not 0.0 < self.stale_decay <= 1.0:
-            _fail(f"{p}.stale_decay", self.stale_decay, "must be in (0, 1]")
-        if self.memory_bytes is not None and self.memory_bytes < 0:
-            _fail(f"{p}.memory_bytes", self.memory_bytes, "must be >= 0 or null")
-        if self.put_timeout_s is not None and self.put_timeout_s <= 0:
-            _fail(f"{p}.put_timeout_s", self.put_timeout_s, "must be > 0 or null")
+        from common.replay.store import queue_setting_errors  # the queue's own rules, stated once
+
+        for name, value, rule in queue_setting_errors(**vars(self)):
+            _fail(f"{p}.{name}", value, rule)
 
     def queue_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``common.replay.ReplayQueue`` (all fields of this section)."""

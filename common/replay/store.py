@@ -82,6 +82,26 @@ def _episode_complete(state: list[int] | None) -> bool:
     return state is not None and state[2] >= 0 and state[1] == (1 << (state[2] + 1)) - 1
 
 
+def queue_setting_errors(*, capacity_rows: int, max_policy_lag: int, capacity_bytes: int | None, stale_mode: str,
+                         stale_decay: float, memory_bytes: int | None, put_timeout_s: float | None = None,
+                         **_other) -> list[tuple[str, object, str]]:
+    """The rules of the queue's settings, once: ``(field, value, rule)`` for each one broken.
+
+    ``ReplayStore`` raises on the first; the ``queue:`` config section reports it as a ``ConfigError``
+    naming ``queue.<field>``.
+    """
+    rules = [
+        ("capacity_rows", capacity_rows, capacity_rows >= 1, "must be >= 1"),
+        ("max_policy_lag", max_policy_lag, max_policy_lag >= 0, "must be >= 0"),
+        ("capacity_bytes", capacity_bytes, capacity_bytes is None or capacity_bytes >= 1, "must be >= 1 or null"),
+        ("stale_mode", stale_mode, stale_mode in STALE_MODES, f"must be one of {list(STALE_MODES)}"),
+        ("stale_decay", stale_decay, 0.0 < stale_decay <= 1.0, "must be in (0, 1]"),
+        ("memory_bytes", memory_bytes, memory_bytes is None or memory_bytes >= 0, "must be >= 0 or null"),
+        ("put_timeout_s", put_timeout_s, put_timeout_s is None or put_timeout_s > 0, "must be > 0 or null"),
+    ]
+    return [(name, value, rule) for name, value, ok, rule in rules if not ok]
+
+
 class ReplayStore:
     """Synchronous replay store; see the module docstring for the rules.
 
@@ -98,18 +118,10 @@ class ReplayStore:
     def __init__(self, capacity_rows: int = 100_000, max_policy_lag: int = 1, *, capacity_bytes: int | None = None,
                  stale_mode: str = "drop", stale_decay: float = 0.5, memory_bytes: int | None = None,
                  spill_dir: str | os.PathLike | None = None):
-        if capacity_rows < 1:
-            raise ValueError(f"capacity_rows={capacity_rows}: must be >= 1")
-        if capacity_bytes is not None and capacity_bytes < 1:
-            raise ValueError(f"capacity_bytes={capacity_bytes}: must be >= 1 or None")
-        if max_policy_lag < 0:
-            raise ValueError(f"max_policy_lag={max_policy_lag}: must be >= 0")
-        if stale_mode not in STALE_MODES:
-            raise ValueError(f"stale_mode={stale_mode!r}: must be one of {STALE_MODES}")
-        if not 0.0 < stale_decay <= 1.0:
-            raise ValueError(f"stale_decay={stale_decay}: must be in (0, 1]")
-        if memory_bytes is not None and memory_bytes < 0:
-            raise ValueError(f"memory_bytes={memory_bytes}: must be >= 0 or None")
+        for name, value, rule in queue_setting_errors(
+                capacity_rows=capacity_rows, max_policy_lag=max_policy_lag, capacity_bytes=capacity_bytes,
+                stale_mode=stale_mode, stale_decay=stale_decay, memory_bytes=memory_bytes)[:1]:
+            raise ValueError(f"{name}={value!r}: {rule}")
         self.capacity_rows = capacity_rows
         self.capacity_bytes = capacity_bytes
         self.max_policy_lag = max_policy_lag
