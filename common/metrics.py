@@ -323,7 +323,10 @@ class _WandB:
         self.run.log(values, step=step)
 
     def close(self) -> None:
+        import wandb
+
         self.run.finish()
+        wandb.teardown()  # finish() returns before wandb's service has written the run file; this waits for it
 
 
 class MetricsSink:

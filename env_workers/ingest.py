@@ -40,8 +40,16 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from env_workers.corpus import (CORPUS_COLUMNS, JSONL_SUFFIXES, PARQUET_SUFFIXES, existing_file, first_json_record,
-                                open_parquet, parquet_schema, parse_jsonl_line)
+from env_workers.corpus import (
+    CORPUS_COLUMNS,
+    JSONL_SUFFIXES,
+    PARQUET_SUFFIXES,
+    existing_file,
+    first_json_record,
+    open_parquet,
+    parquet_schema,
+    parse_jsonl_line,
+)
 
 logger = logging.getLogger(__name__)
 

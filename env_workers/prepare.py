@@ -6,6 +6,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from env_workers.demo_data import DEMO_DATA_VERSION, generate_demo_data, load_questions
+from env_workers.index import BM25Index
+from env_workers.ingest import build_index_from_source, detect_layout
+
 log = logging.getLogger(__name__)
 
 
@@ -22,8 +26,6 @@ def prepare_data(dcfg) -> DataPaths:
 
     Every failure names the file and what was expected (``FileNotFoundError`` / ``ValueError``).
     """
-    from env_workers.demo_data import DEMO_DATA_VERSION, generate_demo_data, load_questions
-    from env_workers.index import BM25Index
 
     root = Path(dcfg.dir)
     if dcfg.kind == "demo":
@@ -85,8 +87,6 @@ def _build_index(corpus_path: Path, index_dir: Path) -> None:
     """Index ``corpus_path`` into ``index_dir``: an ``id, title, text`` Parquet/JSONL file directly
     (Parquet streamed in batches), any other layout of :mod:`env_workers.ingest` (DPR TSV, KILT,
     HotpotQA) through ingestion into ``index_dir/corpus.parquet`` first."""
-    from env_workers.index import BM25Index
-    from env_workers.ingest import build_index_from_source, detect_layout
 
     layout = detect_layout(corpus_path)
     log.info("building BM25 index over %s (%s layout) -> %s", corpus_path, layout, index_dir)

@@ -98,8 +98,16 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_experiment_command(args: argparse.Namespace, argv: list[str]) -> int:
     """``turnrl experiment``: train the grid (or a part of it) and write the report."""
-    from learner.experiment import (build_configs, expand_grid, load_experiment, read_state, record_session,
-                                    run_grid, run_status, select_runs)
+    from learner.experiment import (
+        build_configs,
+        expand_grid,
+        load_experiment,
+        read_state,
+        record_session,
+        run_grid,
+        run_status,
+        select_runs,
+    )
     from learner.results import write_report
 
     try:

@@ -23,7 +23,9 @@ from typing import Any
 
 from common import metrics as M
 from common.config import Config, save_config
+from common.modeling import check_model_dir
 from env_workers.prepare import DataPaths, prepare_data
+from learner.async_loop import AsyncLoop
 from learner.checkpoint import (
     Checkpointer,
     check_compatible,
@@ -62,7 +64,6 @@ def preflight(cfg: Config, resume: str | Path | None) -> tuple[DataPaths, Path |
     """Everything that can fail before Ray starts: config rules that need the estimators, missing trackers,
     the model directories, the corpus and question files, and a resume that has nothing to resume from or
     whose config changed. Returns the prepared data and the checkpoint to resume from (or None)."""
-    from common.modeling import check_model_dir
 
     check_estimator_config(cfg.algorithm)
     M.check_report_to(cfg.metrics.report_to)
@@ -188,7 +189,6 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     """
     from tqdm import tqdm
 
-    from learner.async_loop import AsyncLoop
 
     t_start = time.time()
     data, resume_from = preflight(cfg, resume)

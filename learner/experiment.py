@@ -35,6 +35,8 @@ from typing import Any, Callable
 import yaml
 
 from common.config import Config, ConfigError, _build, load_config
+from learner.credit import ESTIMATORS
+from learner.driver import train
 from learner.estimator_config import check_estimator_config
 
 log = logging.getLogger(__name__)
@@ -76,7 +78,6 @@ class ExperimentConfig:
     report: ReportConfig = field(default_factory=ReportConfig)  # where the results go
 
     def validate(self) -> None:
-        from learner.credit import ESTIMATORS
 
         if not _NAME.match(self.name):
             raise ConfigError(f"config field `name` = {self.name!r}: must match {_NAME.pattern}")
@@ -259,8 +260,7 @@ def run_grid(exp: ExperimentConfig, runs: list[RunSpec], *,
     """
     import ray
 
-    if train_fn is None:
-        from learner.driver import train as train_fn
+    train_fn = train if train_fn is None else train_fn
     configs = build_configs(exp, runs)
     owns_ray = not ray.is_initialized()
     out, t_start = Outcome(), time.time()

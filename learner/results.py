@@ -17,12 +17,10 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 from common import metrics as M
-
-if TYPE_CHECKING:
-    from learner.experiment import ExperimentConfig, RunSpec
+from learner.experiment import WARM_START, ExperimentConfig, RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +219,6 @@ def wall_time_line(state: dict[str, Any], records: list[dict[str, Any]], cpus: i
 def render(exp: ExperimentConfig, records: list[dict[str, Any]], state: dict[str, Any], figures: dict[str, Path],
            report_path: Path, cpus: int, total_runs: int) -> tuple[str, str]:
     """The report's Markdown and the README block."""
-    from learner.experiment import WARM_START
 
     n_seeds = len(exp.seeds)
     out_dir = records[0]["run_dir"].parent if records else Path(exp.out_dir)
@@ -287,7 +284,6 @@ def render(exp: ExperimentConfig, records: list[dict[str, Any]], state: dict[str
 
 def write_report(exp: ExperimentConfig, runs: list[RunSpec], state: dict[str, Any], cpus: int) -> Path:
     """Write the report and figures for every finished run of ``runs``; update the README block."""
-    from learner.experiment import WARM_START
 
     records = load_records(runs)
     report_path = Path(exp.report.path)

@@ -13,22 +13,29 @@ import time
 from pathlib import Path
 from typing import Any
 
+from actors.engine import SamplingParams
+from actors.generator import Generator, WeightStore
+from actors.rollout import RolloutWorker
 from common import metrics as M
 from common import schema as S
 from common.config import Config, torch_threads
+from common.replay_queue import ReplayQueue, register_arrow_serializers
+from env_workers.demo_data import load_questions
+from env_workers.env import DEFAULT_SYSTEM_PROMPT, SYSTEM_PROMPTS
 from env_workers.prepare import DataPaths
+from env_workers.rewards import RewardWeights
+from env_workers.worker import EnvWorker
 from learner.cluster import Placement, RestartCounter
 from learner.evaluation import episode_metrics, episode_summaries, summarize_episodes
 from learner.faults import EpisodeAudit, rollout_with_retries
 from learner.weight_sync import generator_kwargs, make_weight_sync, rollout_kwargs
+from learner.worker import LearnerWorker
 
 log = logging.getLogger(__name__)
 
 
 def make_env_kwargs(cfg: Config) -> dict[str, Any]:
     """Keyword arguments of every ``WikiSearchEnv`` of the run, from ``env.*``."""
-    from env_workers.env import DEFAULT_SYSTEM_PROMPT, SYSTEM_PROMPTS
-    from env_workers.rewards import RewardWeights
 
     return {
         "system_prompt": cfg.env.system_prompt or SYSTEM_PROMPTS.get(cfg.env.protocol, DEFAULT_SYSTEM_PROMPT),
@@ -81,13 +88,6 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, data: DataPaths):
         import ray
 
-        from actors.engine import SamplingParams
-        from actors.generator import Generator, WeightStore
-        from actors.rollout import RolloutWorker
-        from common.replay_queue import ReplayQueue, register_arrow_serializers
-        from env_workers.demo_data import load_questions
-        from env_workers.worker import EnvWorker
-        from learner.worker import LearnerWorker
 
         self.cfg, self.run_dir = cfg, run_dir
         self.SamplingParams = SamplingParams

@@ -25,6 +25,12 @@ from typing import Any
 import torch
 
 from common.config import Config
+from common.modeling import SPECIAL_TOKENS, build_demo_model, load_tokenizer, observation_glue, train_demo_tokenizer
+from env_workers.corpus import load_corpus
+from env_workers.demo_data import load_questions
+from env_workers.env import DEFAULT_SYSTEM_PROMPT, WikiSearchEnv
+from env_workers.index import BM25Index
+from env_workers.prepare import prepare_data
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +107,6 @@ def demonstrations(questions: list[dict], env_factory, tokenizer, seed: int, dom
     and replaced by a random value of the right kind with probability ``p_garbled``.
     ``p_right=1, p_garbled=0`` is the expert of stage 1.
     """
-    from common.modeling import observation_glue
 
     rng = random.Random(seed)
     out = []
@@ -218,12 +223,6 @@ def sft(model, examples: list[tuple[list[int], list[float]]], *, steps: int, bat
 def build_warmstart(cfg: Config, out_dir: str | Path, *, steps: int = SFT_STEPS, expert_steps: int = EXPERT_STEPS,
                     threads: int = 1, on_step=None) -> Path:
     """Data -> tokenizer -> model -> expert stage -> imperfect SFT -> ``save_pretrained`` into ``out_dir``."""
-    from common.modeling import SPECIAL_TOKENS, build_demo_model, load_tokenizer, train_demo_tokenizer
-    from env_workers.corpus import load_corpus
-    from env_workers.demo_data import load_questions
-    from env_workers.env import DEFAULT_SYSTEM_PROMPT, WikiSearchEnv
-    from env_workers.index import BM25Index
-    from env_workers.prepare import prepare_data
 
     torch.manual_seed(cfg.run.seed)
     torch.set_num_threads(threads)  # results are reproducible for a fixed thread count

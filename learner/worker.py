@@ -18,11 +18,16 @@ from typing import Any
 import pyarrow as pa
 import torch
 
+from actors.lean_forward import unsupported_reason
+from actors.weights import WeightGroup, plan_buckets, put_buckets
 from common import metrics as M
+from common.modeling import load_model, load_tokenizer
 from learner.batch import EpisodeBatch, assemble
+from learner.checkpoint import load_engine, save_engine
 from learner.credit import ESTIMATORS, broadcast_to_tokens
 from learner.estimator_config import estimator_hparams
-from learner.losses import behaviour_weights, entropy_from_logits, policy_loss, token_logprobs
+from learner.losses import behaviour_weights, entropy_from_logits, kl_penalty, policy_loss, token_logprobs
+from learner.packed_forward import PackedForward, PrefixTree
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +47,6 @@ def compute_turn_advantages(batch: EpisodeBatch, estimator: str, hparams: dict[s
 
 def distinct_tokens(batch: EpisodeBatch) -> int:
     """Distinct (prefix, token) positions of a batch's sequences: the nodes of their prefix tree."""
-    from learner.packed_forward import PrefixTree
 
     lengths = batch.attention_mask.sum(dim=1).tolist()
     return PrefixTree.build([batch.input_ids[b, :n].tolist() for b, n in enumerate(lengths)]).num_nodes
@@ -94,7 +98,6 @@ class LearnerWorker:
         torch.manual_seed(seed)
         import deepspeed
 
-        from common.modeling import load_model, load_tokenizer
 
         self.rank, self.world = rank, world_size
         # "seq-mean-token-sum-norm" (Dr. GRPO) divides by a constant: generation.max_tokens_per_episode from the
@@ -120,8 +123,6 @@ class LearnerWorker:
         self.steps = 0
         self._packed = None  # learner.prefix_sharing: the forward over distinct prefixes (learner/packed_forward.py)
         if learner.get("prefix_sharing", False):
-            from actors.lean_forward import unsupported_reason
-            from learner.packed_forward import PackedForward
 
             reason = unsupported_reason(model)
             if reason is not None:
@@ -223,7 +224,6 @@ class LearnerWorker:
     def _packed_action_logits(self, module, mb: EpisodeBatch, mask: torch.Tensor, *, count: bool = True
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``_action_logits`` through the shared-prefix forward: each distinct prefix once, logits once per node."""
-        from learner.packed_forward import PrefixTree
 
         lengths = mb.attention_mask.sum(dim=1).tolist()
         tree = PrefixTree.build([mb.input_ids[b, :n].tolist() for b, n in enumerate(lengths)])
@@ -287,7 +287,6 @@ class LearnerWorker:
         d["tokens"] = float(mask.sum())
         d.update({k: float(v) for k, v in off_diag.items()})
         if ref_logp is not None:  # token-mean KL to the reference (the estimator of algorithm.kl_kind)
-            from learner.losses import kl_penalty
 
             d["kl_ref"] = float(kl_penalty(logp.detach(), ref_logp, self.acfg["kl_kind"])[mask].mean()) if mask.any() else 0.0
         d["logprob_gap_mean"] = float(gap.mean()) if gap.numel() else 0.0
@@ -380,7 +379,6 @@ class LearnerWorker:
 
         ``ray.put`` copies each tensor once into shared memory straight from the parameters.
         """
-        from actors.weights import put_buckets
 
         if not self._joins_export():
             return []
@@ -389,7 +387,6 @@ class LearnerWorker:
 
     def weight_plan(self, bucket_bytes: int) -> list:
         """The bucket table of the policy (names, dtypes, shapes; no data) the broadcast receivers need."""
-        from actors.weights import plan_buckets
 
         if not self._joins_export():
             return []
@@ -410,7 +407,6 @@ class LearnerWorker:
     def init_weight_group(self, host: str, port: int, world_size: int, backend: str, timeout_s: float = 600.0
                           ) -> int:
         """Rank 0: host the weight-broadcast group (rank 0 = this learner, 1..n = generators); blocks until joined."""
-        from actors.weights import WeightGroup
 
         if self.rank != 0:
             raise RuntimeError("only learner rank 0 joins the weight group")
@@ -448,14 +444,12 @@ class LearnerWorker:
     # -- checkpoints (learner/checkpoint.py) ----------------------------------------------------
     def save_checkpoint(self, directory: str, client_state: dict[str, Any]) -> str:
         """DeepSpeed checkpoint of this rank into ``directory`` (every rank must call it) plus its RNG."""
-        from learner.checkpoint import save_engine
 
         save_engine(self.engine, directory, self.rank, {**client_state, "learner_steps": self.steps})
         return directory
 
     def load_checkpoint(self, directory: str) -> dict[str, Any]:
         """Restore weights, optimizer, LR schedule, RNG and version (every rank); returns the client state."""
-        from learner.checkpoint import load_engine
 
         client = load_engine(self.engine, directory, self.rank)
         self.version = int(client.get("version", self.version))
