@@ -21,13 +21,13 @@ from typing import Any
 import yaml
 
 from common.config_sections import (  # noqa: F401 - the sections are part of this module's API
+    FAULT_ROLES,
     AlgorithmConfig,
     CheckpointConfig,
     ConfigError,
     DataConfig,
     EnvConfig,
     EvalConfig,
-    FAULT_ROLES,
     FaultsConfig,
     GenerationConfig,
     GeneratorsConfig,

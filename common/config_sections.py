@@ -376,7 +376,7 @@ class MetricsConfig:
     wandb_mode: str = "offline"  # report_to wandb: offline (files under <run_dir>/wandb; `wandb sync` uploads them) | online (needs network and `wandb login`)
 
     def validate(self, p: str) -> None:
-        from common.metrics import REPORT_TO
+        from common.telemetry import REPORT_TO
 
         for name in self.report_to:
             if name not in REPORT_TO:

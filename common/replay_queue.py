@@ -6,8 +6,15 @@ policy-lag bound. See ``common.replay.store`` for the rules and ``common.replay.
 backpressure and blocking gets.
 """
 
-from common.replay import (STALE_MODES, STALENESS_WEIGHT, QueueFull, ReplayQueue, ReplayStore, check_schema,
-                           register_arrow_serializers)
+from common.replay import (
+                           STALE_MODES,
+                           STALENESS_WEIGHT,
+                           QueueFull,
+                           ReplayQueue,
+                           ReplayStore,
+                           check_schema,
+                           register_arrow_serializers,
+)
 
 __all__ = ["ReplayQueue", "ReplayStore", "QueueFull", "STALENESS_WEIGHT", "STALE_MODES", "check_schema",
            "register_arrow_serializers"]

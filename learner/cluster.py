@@ -1,4 +1,4 @@
-"""Cluster plumbing for the driver: placement, the learner rendezvous, restarts, Prometheus discovery.
+"""Cluster plumbing for the driver: placement, the learner rendezvous, restarts.
 
 - :func:`check_placement` (defined in ``common.config``, run by ``Config.validate``) rejects impossible
   placements before Ray starts.
@@ -10,19 +10,14 @@
 - :meth:`Placement.rendezvous` finds the address and a free port on rank 0's node for
   ``torch.distributed`` (loopback when every rank sits on one node).
 - :class:`RestartCounter` reads Ray's restart count of the run's actors from the GCS.
-- :class:`PrometheusTargets` writes the run's ``/metrics`` endpoint as a Prometheus ``file_sd``
-  target file, so ``deploy/prometheus/prometheus.yml`` finds every run on any node.
 
 Ray is imported inside the functions: ``check_placement`` and ``learner_bundles`` are plain.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import socket
-from pathlib import Path
 from typing import Any
 
 from common import metrics as M
@@ -134,50 +129,3 @@ class RestartCounter:
         out = {M.ACTOR_RESTARTS_ROLE.format(role=r): v for r, v in counts.items()}
         out[M.ACTOR_RESTARTS] = sum(counts.values())
         return out
-
-
-def advertised_host(host: str, advertise: str | None) -> str:
-    """The host Prometheus should dial: ``advertise``, else ``host``, else this node's IP for 0.0.0.0."""
-    if advertise:
-        return advertise
-    if host in ("0.0.0.0", "::", ""):
-        try:
-            import ray
-
-            return ray.util.get_node_ip_address()
-        except Exception:  # noqa: BLE001
-            return socket.gethostbyname(socket.gethostname())
-    return host
-
-
-class PrometheusTargets:
-    """``<run_dir>/prometheus_targets.json`` and, while the run lives, ``<discovery_dir>/<run>.json``.
-
-    Both hold one Prometheus ``file_sd`` entry: ``[{"targets": ["host:port"], "labels": {"run": ...}}]``.
-    The discovery copy is written atomically (Prometheus watches the folder) and removed at close.
-    """
-
-    def __init__(self, run_dir: Path, host: str, port: int, *, discovery_dir: str | None,
-                 advertise: str | None = None):
-        self.run = run_dir.name
-        entry = [{"targets": [f"{advertised_host(host, advertise)}:{port}"],
-                  "labels": {"run": self.run, "service": "turnrl"}}]
-        text = json.dumps(entry, indent=1) + "\n"
-        (run_dir / "prometheus_targets.json").write_text(text)
-        self.path: Path | None = None
-        if discovery_dir:
-            d = Path(discovery_dir)
-            try:
-                d.mkdir(parents=True, exist_ok=True)
-                tmp = d / f".{self.run}.{os.getpid()}.tmp"
-                tmp.write_text(text)
-                tmp.replace(d / f"{self.run}.json")
-                self.path = d / f"{self.run}.json"
-                log.info("Prometheus target %s written to %s", entry[0]["targets"][0], self.path)
-            except OSError as e:
-                log.warning("could not write the Prometheus target file in %s: %s", d, e)
-
-    def close(self) -> None:
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
-            self.path = None

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from common import metrics as M
+from common import telemetry as T
 from common.config import Config, save_config
 from common.modeling import check_model_dir
 from env_workers.prepare import DataPaths, prepare_data
@@ -34,7 +35,6 @@ from learner.checkpoint import (
     read_state,
     truncate_metrics,
 )
-from learner.cluster import PrometheusTargets
 from learner.estimator_config import check_estimator_config
 from learner.evaluation import format_table, generation_metrics, plot_learning_curves
 from learner.faults import crash_summary, inject, stale_episodes
@@ -66,7 +66,7 @@ def preflight(cfg: Config, resume: str | Path | None) -> tuple[DataPaths, Path |
     whose config changed. Returns the prepared data and the checkpoint to resume from (or None)."""
 
     check_estimator_config(cfg.algorithm)
-    M.check_report_to(cfg.metrics.report_to)
+    T.check_report_to(cfg.metrics.report_to)
     check_model_dir(cfg.model.path)
     if cfg.algorithm.ref_model_path:
         check_model_dir(cfg.algorithm.ref_model_path)
@@ -94,16 +94,16 @@ def start_ray(cfg: Config) -> None:
                                        "TOKENIZERS_PARALLELISM": "false"}})
 
 
-def open_metrics(cfg: Config, run_dir: Path) -> tuple[M.MetricsSink, PrometheusTargets | None]:
+def open_metrics(cfg: Config, run_dir: Path) -> tuple[T.MetricsSink, T.PrometheusTargets | None]:
     """``metrics.jsonl``, the Prometheus endpoint and its file_sd target, and the ``metrics.report_to`` trackers."""
     mc = cfg.metrics
-    sink = M.MetricsSink(run_dir, enabled=mc.enabled, host=mc.host, port=mc.port, report_to=mc.report_to,
+    sink = T.MetricsSink(run_dir, enabled=mc.enabled, host=mc.host, port=mc.port, report_to=mc.report_to,
                          run_name=run_dir.name, config=cfg.to_dict(), wandb_project=mc.wandb_project,
                          wandb_mode=mc.wandb_mode)
     if sink.port is None:
         return sink, None
     (run_dir / "metrics_endpoint.txt").write_text(f"http://{mc.host}:{sink.port}/metrics\n")
-    return sink, PrometheusTargets(run_dir, mc.host, sink.port, discovery_dir=mc.discovery_dir,
+    return sink, T.PrometheusTargets(run_dir, mc.host, sink.port, discovery_dir=mc.discovery_dir,
                                    advertise=mc.advertise_host)
 
 
@@ -146,7 +146,7 @@ def run_counters(trainer: "Trainer", restart_base: dict, *, sync: bool) -> dict[
 
 
 def finish(trainer: "Trainer", loop: Any, results: dict[str, Any], resume_from: Path | None, ckpt: Checkpointer,
-           sink: M.MetricsSink, t_start: float) -> None:
+           sink: T.MetricsSink, t_start: float) -> None:
     """Evaluate the trained policy, save it, and write ``run_summary.json``, ``eval.json``, the table and plot."""
     import ray
 

@@ -1,6 +1,11 @@
 """The run's actors and the phases of a step: ``Trainer`` (generators, env workers, replay queue, rollout
 workers, DeepSpeed learner ranks, weight sync) and the question sampler.
 
+:func:`generator_kwargs` / :func:`rollout_kwargs` turn every ``generators.*`` (and ``generation.*`` cap)
+setting into the keyword arguments of :class:`actors.generator.Generator` and
+:class:`actors.rollout.RolloutWorker`; the tests build their actors from the same functions, so a config
+field cannot silently stop here.
+
 The loop that calls these phases is ``learner.driver.train``; the asynchronous schedule is
 ``learner.async_loop.AsyncLoop``.
 """
@@ -28,7 +33,7 @@ from env_workers.worker import EnvWorker
 from learner.cluster import Placement, RestartCounter
 from learner.evaluation import episode_metrics, episode_summaries, summarize_episodes
 from learner.faults import EpisodeAudit, rollout_with_retries
-from learner.weight_sync import generator_kwargs, make_weight_sync, rollout_kwargs
+from learner.weight_sync import make_weight_sync
 from learner.worker import LearnerWorker
 
 log = logging.getLogger(__name__)
@@ -42,6 +47,34 @@ def make_env_kwargs(cfg: Config) -> dict[str, Any]:
         "protocol": cfg.env.protocol, "max_turns": cfg.env.max_turns, "top_k": cfg.env.top_k,
         "max_result_chars": cfg.env.max_result_chars, "answer_match": cfg.env.answer_match,
         "weights": RewardWeights(**vars(cfg.env.rewards)),
+    }
+
+
+def generator_kwargs(cfg: Config) -> dict[str, Any]:
+    """Keyword arguments of ``Generator(model_path, **kwargs)`` from ``generators.*`` and ``model.dtype``.
+
+    ``vllm_kwargs`` go to :class:`actors.vllm_engine.VLLMEngine` (``allow_cpu``) and on to ``vllm.LLM``
+    (``gpu_memory_utilization``, the run seed).
+    """
+    g = cfg.generators
+    return {
+        "dtype": cfg.model.dtype, "torch_threads": torch_threads(cfg)[0], "backend": g.backend,
+        "kv_budget_tokens": g.kv_budget_tokens, "max_prefill_tokens": g.max_prefill_tokens,
+        "keep_kv_across_versions": g.keep_kv_across_versions, "lean_forward": g.lean_forward,
+        "cuda_graphs": g.cuda_graphs,
+        "vllm_kwargs": {"gpu_memory_utilization": g.vllm_gpu_memory_utilization, "seed": cfg.run.seed,
+                        "allow_cpu": g.vllm_allow_cpu},
+    }
+
+
+def rollout_kwargs(cfg: Config) -> dict[str, Any]:
+    """Keyword arguments of ``RolloutWorker`` from ``generation.*`` caps, ``generators.streaming``
+    and ``rollout.partial_rollouts / max_aborts_per_episode``."""
+    return {
+        "max_tokens_per_turn": cfg.generation.max_tokens_per_turn,
+        "max_tokens_per_episode": cfg.generation.max_tokens_per_episode,
+        "streaming": cfg.generators.streaming,
+        "partial_rollouts": cfg.rollout.partial_rollouts, "max_aborts_per_episode": cfg.rollout.max_aborts_per_episode,
     }
 
 

@@ -1,9 +1,5 @@
-"""Driver side of the generator roles: their constructor arguments, and pushing weights to them.
+"""Pushing the learner's weights to the generators (their constructor arguments: ``learner.trainer``).
 
-- :func:`generator_kwargs` / :func:`rollout_kwargs`: every ``generators.*`` (and
-  ``generation.*`` cap) setting, as the keyword arguments of :class:`actors.generator.Generator`
-  and :class:`actors.rollout.RolloutWorker`. The driver builds the actors from these, and the
-  tests build theirs from the same functions, so a config field cannot silently stop at the driver.
 - :func:`make_weight_sync` picks the transport of ``learner.weight_sync``
   (:func:`common.config.weight_sync_mode`):
 
@@ -27,37 +23,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from common.config import Config, torch_threads, weight_sync_mode
+from common.config import Config, weight_sync_mode
 
 log = logging.getLogger(__name__)
-
-
-def generator_kwargs(cfg: Config) -> dict[str, Any]:
-    """Keyword arguments of ``Generator(model_path, **kwargs)`` from ``generators.*`` and ``model.dtype``.
-
-    ``vllm_kwargs`` go to :class:`actors.vllm_engine.VLLMEngine` (``allow_cpu``) and on to ``vllm.LLM``
-    (``gpu_memory_utilization``, the run seed).
-    """
-    g = cfg.generators
-    return {
-        "dtype": cfg.model.dtype, "torch_threads": torch_threads(cfg)[0], "backend": g.backend,
-        "kv_budget_tokens": g.kv_budget_tokens, "max_prefill_tokens": g.max_prefill_tokens,
-        "keep_kv_across_versions": g.keep_kv_across_versions, "lean_forward": g.lean_forward,
-        "cuda_graphs": g.cuda_graphs,
-        "vllm_kwargs": {"gpu_memory_utilization": g.vllm_gpu_memory_utilization, "seed": cfg.run.seed,
-                        "allow_cpu": g.vllm_allow_cpu},
-    }
-
-
-def rollout_kwargs(cfg: Config) -> dict[str, Any]:
-    """Keyword arguments of ``RolloutWorker`` from ``generation.*`` caps, ``generators.streaming``
-    and ``rollout.partial_rollouts / max_aborts_per_episode``."""
-    return {
-        "max_tokens_per_turn": cfg.generation.max_tokens_per_turn,
-        "max_tokens_per_episode": cfg.generation.max_tokens_per_episode,
-        "streaming": cfg.generators.streaming,
-        "partial_rollouts": cfg.rollout.partial_rollouts, "max_aborts_per_episode": cfg.rollout.max_aborts_per_episode,
-    }
 
 
 class ObjectStoreSync:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from learner.cli import main
 from common.config import ConfigError, MetricsConfig, load_config
 from common.modeling import check_model_dir
+from learner.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL = REPO / "deploy/configs/local.yaml"
@@ -129,7 +129,7 @@ def test_the_shipped_model_directory_passes():
 
 
 def test_metrics_endpoint_binds_loopback_by_default(tmp_path):
-    from common.metrics import MetricsSink
+    from common.telemetry import MetricsSink
 
     assert MetricsConfig().host == "127.0.0.1" and load_config(LOCAL).metrics.host == "127.0.0.1"
     sink = MetricsSink(tmp_path)  # the defaults the driver passes

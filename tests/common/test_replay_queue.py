@@ -418,8 +418,13 @@ def test_constructor_rejects_bad_settings() -> None:
 
 
 def test_arrow_ipc_wire_round_trip_and_copy() -> None:
-    from common.replay.wire import batch_from_ipc, batch_to_ipc, register_arrow_serializers, table_from_ipc, \
-        table_to_ipc
+    from common.replay.wire import (
+        batch_from_ipc,
+        batch_to_ipc,
+        register_arrow_serializers,
+        table_from_ipc,
+        table_to_ipc,
+    )
 
     b = batch(group_rows(0, size=3, turns=2))
     buf = batch_to_ipc(b)

@@ -1,5 +1,5 @@
-import pytest
 import pyarrow as pa
+import pytest
 
 from common import schema as S
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 
 from common import metrics as M
 from common.config import load_config
-from learner.cluster import Placement, PrometheusTargets, RestartCounter, advertised_host
+from learner.cluster import Placement, RestartCounter
 
 
 class Where:
@@ -78,16 +77,3 @@ def test_restart_counter_sees_a_restarted_actor(ray_local):
         assert sample[M.ACTOR_RESTARTS_ROLE.format(role="generator")] == 1 and sample[M.ACTOR_RESTARTS] == 1
     finally:
         ray.kill(a)
-
-
-def test_prometheus_target_files(tmp_path):
-    run_dir, discovery = tmp_path / "runs" / "r1", tmp_path / "sd"
-    run_dir.mkdir(parents=True)
-    targets = PrometheusTargets(run_dir, "127.0.0.1", 9999, discovery_dir=str(discovery))
-    entry = json.loads((discovery / "r1.json").read_text())
-    assert entry == [{"targets": ["127.0.0.1:9999"], "labels": {"run": "r1", "service": "turnrl"}}]
-    assert json.loads((run_dir / "prometheus_targets.json").read_text()) == entry
-    targets.close()
-    assert not (discovery / "r1.json").exists() and (run_dir / "prometheus_targets.json").exists()
-    assert advertised_host("0.0.0.0", None) not in ("0.0.0.0", "")
-    assert advertised_host("0.0.0.0", "node-7") == "node-7"

@@ -1,6 +1,6 @@
 """Config to engine, and learner to generators, through real Ray actors (DeepSpeed learner on CPU).
 
-- every ``generators.*`` setting the driver passes (``learner.weight_sync.generator_kwargs`` /
+- every ``generators.*`` setting the driver passes (``learner.trainer.generator_kwargs`` /
   ``rollout_kwargs``, the functions the Trainer builds its actors with) reaches the engine inside
   the generator actor, read back from the actor;
 - ``learner.weight_sync: broadcast`` (gloo on CPU, the code path NCCL takes on GPU): after a
@@ -21,9 +21,10 @@ from actors.generator import Generator, WeightStore
 from actors.rollout import RolloutWorker
 from common import metrics as M
 from common.config import load_config, weight_sync_mode
-from learner.weight_sync import BroadcastSync, ObjectStoreSync, generator_kwargs, rollout_kwargs
+from learner.trainer import generator_kwargs, rollout_kwargs
+from learner.weight_sync import BroadcastSync, ObjectStoreSync
 from learner.worker import LearnerWorker
-from tests.learner.test_multirank import G, GROUPS, _table
+from tests.learner.test_multirank import GROUPS, G, _table
 
 OVERRIDES = ["generators.num=2", "generators.kv_budget_tokens=4096", "generators.max_prefill_tokens=96",
              "generators.keep_kv_across_versions=true", "generators.torch_threads=1", "generators.streaming=true",

@@ -1,4 +1,4 @@
-"""common/metrics.py: what a scraper and the trackers see, through real HTTP and the real libraries.
+"""common/telemetry.py (with common/metrics.py's names and types): what a scraper and the trackers see, through real HTTP and the real libraries.
 
 The Prometheus endpoint is scraped over loopback and parsed with prometheus_client's own parser;
 TensorBoard event files are read back with TensorBoard's reader; the W&B offline run file is read
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from common import metrics as M
+from common import telemetry as T
 
 STEPS = [
     {M.AUDIT_TRAINED: 16, M.LOSS: 0.5, M.TIME_STEP: 0.3, M.TIME_UPDATE: 0.2},
@@ -30,7 +31,7 @@ def _scrape(port: int) -> dict:
 
 
 def test_prometheus_types_counters_gauges_and_duration_histograms(tmp_path):
-    sink = M.MetricsSink(tmp_path, host="127.0.0.1", port=0)
+    sink = T.MetricsSink(tmp_path, host="127.0.0.1", port=0)
     try:
         for step, values in enumerate(STEPS, 1):
             sink.log(step, values)
@@ -59,7 +60,7 @@ def test_prometheus_types_counters_gauges_and_duration_histograms(tmp_path):
 def test_report_to_tensorboard_writes_every_step_through_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    sink = M.MetricsSink(tmp_path, enabled=False, report_to=["tensorboard"], config={"learner": {"lr": 1e-4}})
+    sink = T.MetricsSink(tmp_path, enabled=False, report_to=["tensorboard"], config={"learner": {"lr": 1e-4}})
     for step, values in enumerate(STEPS, 1):
         sink.log(step, values)
     sink.close()
@@ -94,7 +95,7 @@ def _wandb_records(path: Path) -> list:
 
 def test_report_to_wandb_offline_writes_a_run_wandb_sync_can_upload(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
-    sink = M.MetricsSink(tmp_path, enabled=False, report_to=["wandb"], run_name="t-run",
+    sink = T.MetricsSink(tmp_path, enabled=False, report_to=["wandb"], run_name="t-run",
                          config={"learner": {"lr": 1e-4}}, wandb_project="turnrl-test")
     for step, values in enumerate(STEPS, 1):
         sink.log(step, values)
@@ -113,5 +114,18 @@ def test_a_tracker_that_is_not_installed_fails_before_anything_starts(monkeypatc
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ValueError, match=r"report_to has 'wandb'.*pip install"):
-        M.check_report_to(["tensorboard", "wandb"])
-    M.check_report_to(["tensorboard"])
+        T.check_report_to(["tensorboard", "wandb"])
+    T.check_report_to(["tensorboard"])
+
+
+def test_prometheus_target_files(tmp_path):
+    run_dir, discovery = tmp_path / "runs" / "r1", tmp_path / "sd"
+    run_dir.mkdir(parents=True)
+    targets = T.PrometheusTargets(run_dir, "127.0.0.1", 9999, discovery_dir=str(discovery))
+    entry = json.loads((discovery / "r1.json").read_text())
+    assert entry == [{"targets": ["127.0.0.1:9999"], "labels": {"run": "r1", "service": "turnrl"}}]
+    assert json.loads((run_dir / "prometheus_targets.json").read_text()) == entry
+    targets.close()
+    assert not (discovery / "r1.json").exists() and (run_dir / "prometheus_targets.json").exists()
+    assert T.advertised_host("0.0.0.0", None) not in ("0.0.0.0", "")
+    assert T.advertised_host("0.0.0.0", "node-7") == "node-7"
