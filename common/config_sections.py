@@ -415,10 +415,13 @@ class EvalConfig:
     num_questions: int = 200  # held-out questions per evaluation
     greedy: bool = True  # also evaluate greedily (the sampled evaluation uses the training temperature)
     before_training: bool = True  # evaluate the starting (warm-start) policy too
+    every_steps: int = 0  # also evaluate (sampled) every k steps and at the last: eval/* in metrics.jsonl and Prometheus, eval.json "curve" (held-out learning curves); 0: before and after training only
 
     def validate(self, p: str) -> None:
         if self.num_questions < 1:
             _fail(f"{p}.num_questions", self.num_questions, "must be >= 1")
+        if self.every_steps < 0:
+            _fail(f"{p}.every_steps", self.every_steps, "must be >= 0 (0: no evaluation during training)")
 
 
 @dataclass

@@ -103,6 +103,14 @@ AUDIT_ROLLOUT_RETRIES = "audit/rollout/retries_total"
 CHECKPOINT_STEP = "checkpoint/step"
 CHECKPOINT_TIME = "perf/time/checkpoint_s"
 
+# --- held-out evaluation during training (eval.every_steps) ------------------------------------------
+EVAL_EXACT_MATCH = "eval/exact_match/rate"
+EVAL_TOOL_SUCCESS = "eval/tool_success/rate"
+EVAL_ANSWER_IN_RESULT = "eval/answer_in_result/rate"
+EVAL_FORMAT = "eval/format/mean"
+EVAL_TURNS = "eval/turns/mean"
+EVAL_TRUNCATED = "eval/truncated/rate"
+
 METRICS: dict[str, str] = {
     REWARD_TOTAL: "Mean total reward (turn + outcome) per episode",
     REWARD_TURN: "Mean summed turn reward per episode",
@@ -186,6 +194,12 @@ METRICS.update({
     AUDIT_ROLLOUT_RETRIES: "Rollout calls re-run after the rollout worker died",
     CHECKPOINT_STEP: "Step of the newest resumable checkpoint (0: none yet)",
     CHECKPOINT_TIME: "Seconds spent writing the last checkpoint",
+    EVAL_EXACT_MATCH: "Held-out exact match, sampled at the training temperature (eval.every_steps)",
+    EVAL_TOOL_SUCCESS: "Held-out share of episodes whose tool calls all executed (eval.every_steps)",
+    EVAL_ANSWER_IN_RESULT: "Held-out share of episodes whose search result held an answer alias (eval.every_steps)",
+    EVAL_FORMAT: "Held-out mean format reward component (eval.every_steps)",
+    EVAL_TURNS: "Held-out mean assistant turns per episode (eval.every_steps)",
+    EVAL_TRUNCATED: "Held-out share of truncated episodes (eval.every_steps)",
 })
 for _role in ACTOR_ROLES:
     METRICS[ACTOR_RESTARTS_ROLE.format(role=_role)] = f"Ray restarts of this run's {_role} actors so far"

@@ -36,7 +36,7 @@ from learner.checkpoint import (
     truncate_metrics,
 )
 from learner.estimator_config import check_estimator_config
-from learner.evaluation import format_table, generation_metrics, plot_learning_curves
+from learner.evaluation import eval_metrics, format_table, generation_metrics, plot_learning_curves
 from learner.faults import crash_summary, inject, stale_episodes
 from learner.trainer import Trainer
 
@@ -118,6 +118,7 @@ def begin(trainer: "Trainer", ckpt: Checkpointer, resume_from: Path | None) -> t
         return results, int(state["step"]), state.get("restarts", {})
     if cfg.eval.before_training:
         results["warm_start"] = trainer.evaluate("warm_start", greedy=False)
+        results["curve"] = [{"step": 0, **results["warm_start"]}]
         if cfg.eval.greedy:
             results["warm_start_greedy"] = trainer.evaluate("warm_start_greedy", greedy=True)
     return results, 0, {}
@@ -151,7 +152,11 @@ def finish(trainer: "Trainer", loop: Any, results: dict[str, Any], resume_from: 
     import ray
 
     cfg, run_dir = trainer.cfg, trainer.run_dir
-    results["trained"] = trainer.evaluate("trained", greedy=False)
+    curve = results.get("curve", [])
+    if curve and curve[-1]["step"] == cfg.learner.total_steps:  # evaluated at the last step already
+        results["trained"] = {k: v for k, v in curve[-1].items() if k != "step"}
+    else:
+        results["trained"] = trainer.evaluate("trained", greedy=False)
     if cfg.eval.greedy:
         results["trained_greedy"] = trainer.evaluate("trained_greedy", greedy=True)
     ray.get([lw.save_pretrained.remote(str((run_dir / "policy").resolve())) for lw in trainer.learners])
@@ -210,6 +215,10 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
             stats = loop.step(step) if loop is not None else sync_step(trainer, step)
             stats.update(run_counters(trainer, restart_base, sync=loop is None))
             stats[M.TIME_STEP] = time.time() - t0
+            if cfg.eval.every_steps and (step % cfg.eval.every_steps == 0 or step == last):  # held-out curve
+                held_out = trainer.evaluate(f"step {step}", greedy=False)
+                results.setdefault("curve", []).append({"step": step, **held_out})
+                stats.update(eval_metrics(held_out))
             save = ckpt.due(step, final=step == last)
             stats[M.CHECKPOINT_STEP], stats[M.CHECKPOINT_TIME] = (step if save else ckpt.last_step), ckpt.last_seconds
             if step % cfg.metrics.log_every == 0 or step == last:

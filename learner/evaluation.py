@@ -108,6 +108,12 @@ def plot_learning_curves(metrics_path: str | Path, out_path: str | Path,
             w = 5
             sm = [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
             ax.plot(xs, sm, lw=2)
+        held_out = {M.ANSWER_IN_RESULT: M.EVAL_ANSWER_IN_RESULT, M.EXACT_MATCH: M.EVAL_EXACT_MATCH,
+                    M.TOOL_SUCCESS: M.EVAL_TOOL_SUCCESS}.get(key)
+        pts = [(r["step"], r[held_out]) for r in rows if held_out in r]  # eval.every_steps: the held-out curve
+        if pts:
+            ax.plot(*zip(*pts), "o-", lw=1.5, ms=3, color="black", label="held out")
+            ax.legend(fontsize=7)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -144,3 +150,11 @@ def generation_metrics(result: dict[str, Any]) -> dict[str, float]:
         M.ROLLOUT_MIXED_VERSION_EPISODES: float(result.get("mixed_version_episodes", 0)),
         M.ROLLOUT_KV_REUSE: reused / max(1, reused + result.get("prefilled_tokens", 0)),
     }
+
+
+def eval_metrics(summary: dict[str, float]) -> dict[str, float]:
+    """A held-out evaluation's summary (:func:`summarize_episodes`) as ``eval/*`` step metrics."""
+    names = {"exact_match": M.EVAL_EXACT_MATCH, "tool_success": M.EVAL_TOOL_SUCCESS,
+             "answer_in_result": M.EVAL_ANSWER_IN_RESULT, "format": M.EVAL_FORMAT, "turns": M.EVAL_TURNS,
+             "truncated": M.EVAL_TRUNCATED}
+    return {names[k]: float(v) for k, v in summary.items() if k in names}

@@ -47,6 +47,7 @@ def test_few_rl_steps_through_real_actors(tmp_path, monkeypatch):
         f"model.path={REPO / 'deploy/warmstart'}", f"data.dir={tmp_path / 'data'}", f"run.run_dir={run_dir}",
         "learner.total_steps=2", "algorithm.prompts_per_step=4", "algorithm.group_size=4",
         "learner.micro_batch_size=8", "eval.num_questions=8", "eval.greedy=false", "learner.lr=0.01",
+        "eval.every_steps=1",
     ])
     found: dict = {}
     stop = threading.Event()
@@ -78,6 +79,14 @@ def test_few_rl_steps_through_real_actors(tmp_path, monkeypatch):
     # run directory contents
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[-1])["train/policy_version"] == 2
+    # eval.every_steps: the held-out curve, in the log (eval/*) and in eval.json; the last point is "trained"
+    logged = [json.loads(x) for x in lines]
+    assert all(0.0 <= r["eval/answer_in_result/rate"] <= 1.0 and "eval/exact_match/rate" in r for r in logged)
+    results = json.loads((run_dir / "eval.json").read_text())
+    assert [p["step"] for p in results["curve"]] == [0, 1, 2]
+    assert results["curve"][0]["exact_match"] == results["warm_start"]["exact_match"]
+    assert {k: v for k, v in results["curve"][-1].items() if k != "step"} == results["trained"]
+    assert logged[-1]["eval/exact_match/rate"] == results["trained"]["exact_match"]
     ev = json.loads((run_dir / "eval.json").read_text())
     for key in ("warm_start", "trained"):
         assert {"exact_match", "tool_success", "answer_in_result"} <= set(ev[key])
