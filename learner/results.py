@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from common import metrics as M
+from learner.curve_stats import bootstrap_ci, curve_area, paired_difference, steps_to_target
 from learner.experiment import WARM_START, ExperimentConfig, RunSpec
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,73 @@ def wall_time_line(state: dict[str, Any], records: list[dict[str, Any]], cpus: i
             f"(per-run `wall_time_s`), on a machine with {cpus} CPU core(s).")
 
 
+HELD_OUT_TARGET = ("answer_in_result", 0.8)  # steps-to-target: the first held-out evaluation reaching it
+
+
+def _held_out(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs that evaluated during training (``eval.every_steps``): a held-out curve of at least two points."""
+    return [r for r in records if r["estimator"] != WARM_START and len(r["eval"].get("curve", [])) >= 2]
+
+
+def write_runs_csv(records: list[dict[str, Any]], path: Path) -> int:
+    """``runs.csv``: one row per run x held-out evaluation step x metric, to recompute every number from."""
+    import csv
+
+    rows = [{"task": r["task"], "estimator": r["estimator"], "seed": r["seed"], "run": r["name"],
+             "step": point["step"], "metric": key, "value": point[key]}
+            for r in _held_out(records) for point in r["eval"]["curve"] for key, _ in COLUMNS if key in point]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["task", "estimator", "seed", "run", "step", "metric", "value"])
+        w.writeheader()
+        w.writerows(rows)
+    return len(rows)
+
+
+def held_out_section(records: list[dict[str, Any]], order: dict[str, list[str]]) -> list[str]:
+    """Per task: final exact match and area under the held-out answer-in-result curve with 95 % bootstrap
+    intervals, steps to the target per seed, and each estimator paired (same seeds) against MT-GRPO."""
+    runs = _held_out(records)
+    if not runs:
+        return []
+    key, target = HELD_OUT_TARGET
+    lines = ["## Held-out learning (`eval.every_steps`)", "",
+             f"From each run's held-out curve (`eval.json` `curve`; every point in `runs.csv`): final exact match, "
+             f"area under the {key} curve (its mean level over training: quicker scores higher), and the first "
+             f"evaluated step with {key} >= {target}. Intervals: 95 % percentile bootstrap over seeds. Pairs: "
+             "the per-seed difference (same seed = same data order and warm start), with a verdict only when "
+             "its interval excludes 0.", ""]
+    for task, estimators in order.items():
+        by_est: dict[str, dict[int, dict[str, Any]]] = {}
+        for r in runs:
+            if r["task"] == task:
+                by_est.setdefault(r["estimator"], {})[r["seed"]] = r
+        if not by_est:
+            continue
+        lines += [f"### {task}", "", f"| estimator | final exact match | area under {key} | steps to {key} >= {target} "
+                  "(per seed) | seeds |", "|---|---|---|---|---|"]
+        figures: dict[str, dict[str, dict[int, float]]] = {}
+        for est in [e for e in estimators if e in by_est]:
+            seeds = by_est[est]
+            curves = {s: [(p["step"], p[key]) for p in r["eval"]["curve"]] for s, r in seeds.items()}
+            em = {s: float(r["eval"][SAMPLED]["exact_match"]) for s, r in seeds.items()}
+            area = {s: curve_area(c) for s, c in curves.items()}
+            figures[est] = {"em": em, "area": area}
+            reach = ", ".join(str(steps_to_target(curves[s], target)) for s in sorted(curves))
+            ci = lambda d: "{:.3f} [{:.3f}, {:.3f}]".format(*bootstrap_ci(list(d.values())))  # noqa: E731
+            lines.append(f"| {est} | {ci(em)} | {ci(area)} | {reach} | {len(seeds)} |")
+        lines.append("")
+        ref = next((e for e in ("mt_grpo", "mt_grpo_k") if e in figures), None)
+        for est in [e for e in figures if ref and e != ref]:
+            for name, label in (("area", f"area under {key}"), ("em", "final exact match")):
+                d = paired_difference(figures[ref][name], figures[est][name])
+                verdict = {"a better": f"{ref} higher", "b better": f"{est} higher"}.get(d["verdict"], d["verdict"])
+                lines.append(f"- {ref} - {est}, {label}: {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] "
+                             f"over seeds {d['seeds']}: {verdict}")
+        lines.append("")
+    return lines
+
+
 def render(exp: ExperimentConfig, records: list[dict[str, Any]], state: dict[str, Any], figures: dict[str, Path],
            report_path: Path, cpus: int, total_runs: int) -> tuple[str, str]:
     """The report's Markdown and the README block."""
@@ -259,6 +327,7 @@ def render(exp: ExperimentConfig, records: list[dict[str, Any]], state: dict[str
         lines += tables(greedy, "###")
     else:
         lines += ["Not measured (`eval.greedy: false` in these runs).", ""]
+    lines += held_out_section(records, order)
     lines += [DISCUSSION_PLACEHOLDER.rstrip("\n"), "", "## Learning curves", ""]
     for task, fig in figures.items():
         rel = os.path.relpath(fig, report_path.parent)
@@ -295,6 +364,8 @@ def write_report(exp: ExperimentConfig, runs: list[RunSpec], state: dict[str, An
                         Path(exp.report.figures_dir) / f"{task}_curves.png", exp.report.smooth, colours)
         if fig is not None:
             figures[task] = fig
+    if _held_out(records):
+        write_runs_csv(records, Path(exp.report.figures_dir) / "runs.csv")
     report, block = render(exp, records, state, figures, report_path, cpus, len(runs))
     old = report_path.read_text() if report_path.exists() else None
     report_path.parent.mkdir(parents=True, exist_ok=True)

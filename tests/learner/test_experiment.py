@@ -370,3 +370,35 @@ def test_tiny_real_grid_reuses_ray_and_cleans_up_its_actors(tmp_path, monkeypatc
     rows = _table_rows(path.read_text(), "### two_turn")
     assert rows["grpo_or"][-1] == "1/1" and rows["grpo_or"][0] == f"{trained['trained']['tool_success']:.3f} ± 0.000"
     assert run_grid(exp, runs).skipped == [r.name for r in runs]
+
+
+def test_held_out_curves_give_areas_steps_to_target_and_paired_verdicts(tmp_path):
+    """Runs with eval.every_steps curves: runs.csv holds every point, the report a per-task table and the
+    paired comparisons against MT-GRPO (mt_grpo reaches 0.8 two evaluations earlier on every seed)."""
+    import csv
+
+    from learner.results import write_report
+
+    exp = load_experiment(_write_exp(tmp_path))
+    runs = expand_grid(exp)
+    quick, slow = [0.2, 0.8, 0.9, 0.9], [0.2, 0.3, 0.5, 0.85]
+    for seed in range(3):
+        for est, air in (("mt_grpo", quick), ("grpo_or", slow)):
+            d = tmp_path / "runs" / f"two_turn-{est}-seed{seed}"
+            _fake_run(d, {"tool_success": 1.0, "answer_in_result": air[-1], "exact_match": 0.2 + 0.01 * seed,
+                          "format": 1.0}, 4, 0.0)
+            ev = json.loads((d / "eval.json").read_text())
+            ev["curve"] = [{"step": 5 * i, "answer_in_result": a + 0.01 * seed, "exact_match": 0.05 * i,
+                            "tool_success": 1.0, "format": 1.0} for i, a in enumerate(air)]
+            (d / "eval.json").write_text(json.dumps(ev))
+    report = write_report(exp, runs, {}, 2).read_text()
+    rows = list(csv.DictReader((tmp_path / "docs/results/runs.csv").open()))
+    assert len(rows) == 2 * 3 * 4 * 4  # estimators x seeds x evaluations x metrics
+    assert {r["metric"] for r in rows} == {"tool_success", "answer_in_result", "exact_match", "format"}
+    section = report.split("## Held-out learning", 1)[1].split("\n## ", 1)[0]
+    assert "| mt_grpo |" in section and "| 5, 5, 5 |" in section and "| 15, 15, 15 |" in section
+    # areas by hand (trapezoids over steps 0, 5, 10, 15, divided by 15): quick 11.25/15 = 0.75, slow 6.625/15
+    # = 0.4417; the per-seed offsets cancel in the pair
+    assert "mt_grpo - grpo_or, area under answer_in_result: +0.308" in section
+    assert "mt_grpo higher" in section.split("area under answer_in_result: +0.308", 1)[1].split("\n", 1)[0]
+    assert "final exact match: +0.000" in section and "not distinguishable" in section
