@@ -194,7 +194,6 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     """
     from tqdm import tqdm
 
-
     t_start = time.time()
     data, resume_from = preflight(cfg, resume)
     run_dir = make_run_dir(cfg)

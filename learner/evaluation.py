@@ -26,7 +26,6 @@ def episode_summaries(table) -> list[dict[str, Any]]:
     """
     import pyarrow.compute as pc
 
-
     names = (S.EPISODE_ID, S.GROUP_ID, S.TURN_INDEX, S.TURN_REWARD, S.OUTCOME_REWARD, S.OUTCOME_REWARD_COMPONENTS,
              S.IS_LAST_TURN, S.TRUNCATED, S.TOOL_CALLED, S.TOOL_SUCCESS, S.RESULT_CONTAINS_ANSWER)
     cols = {n: table.column(n).to_pylist() for n in names}
@@ -90,7 +89,6 @@ def plot_learning_curves(metrics_path: str | Path, out_path: str | Path,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
 
     keys = keys or (M.REWARD_TOTAL, M.ANSWER_IN_RESULT, M.EXACT_MATCH, M.TOOL_SUCCESS)
     if not Path(metrics_path).exists():  # a run with learner.total_steps=0 logs no step

@@ -78,7 +78,6 @@ class ExperimentConfig:
     report: ReportConfig = field(default_factory=ReportConfig)  # where the results go
 
     def validate(self) -> None:
-
         if not _NAME.match(self.name):
             raise ConfigError(f"config field `name` = {self.name!r}: must match {_NAME.pattern}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):

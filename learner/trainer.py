@@ -121,7 +121,6 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, data: DataPaths):
         import ray
 
-
         self.cfg, self.run_dir = cfg, run_dir
         self.SamplingParams = SamplingParams
         register_arrow_serializers()  # tables this process sends the learners travel as one Arrow IPC buffer

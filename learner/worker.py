@@ -98,7 +98,6 @@ class LearnerWorker:
         torch.manual_seed(seed)
         import deepspeed
 
-
         self.rank, self.world = rank, world_size
         # "seq-mean-token-sum-norm" (Dr. GRPO) divides by a constant: generation.max_tokens_per_episode from the
         # driver; None (a bare learner, tests) falls back to each batch's padded width
@@ -123,7 +122,6 @@ class LearnerWorker:
         self.steps = 0
         self._packed = None  # learner.prefix_sharing: the forward over distinct prefixes (learner/packed_forward.py)
         if learner.get("prefix_sharing", False):
-
             reason = unsupported_reason(model)
             if reason is not None:
                 raise ValueError(f"config field `learner.prefix_sharing` = true: this policy has {reason}; the shared-"
