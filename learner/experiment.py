@@ -55,6 +55,12 @@ class TaskConfig:
 
 
 @dataclass
+class VariantConfig:
+    estimator: str = ""  # the registered estimator this variant runs
+    overrides: dict[str, Any] = field(default_factory=dict)  # its run-config overrides (e.g. algorithm.outcome_coef)
+
+
+@dataclass
 class ReportConfig:
     path: str = "docs/results.md"  # the generated report (its "## Discussion" section is kept on rewrite)
     figures_dir: str = "docs/results"  # learning-curve PNGs, one per task
@@ -75,6 +81,7 @@ class ExperimentConfig:
     warm_start_baseline: bool = True  # also evaluate the untrained policy per task and seed
     common: dict[str, Any] = field(default_factory=dict)  # run-config overrides (dotted keys) for every run
     tasks: dict[str, TaskConfig] = field(default_factory=dict)  # task name -> estimators and task overrides
+    variants: dict[str, VariantConfig] = field(default_factory=dict)  # name -> an estimator with its own settings
     report: ReportConfig = field(default_factory=ReportConfig)  # where the results go
 
     def validate(self) -> None:
@@ -85,6 +92,14 @@ class ExperimentConfig:
         if not self.tasks:
             raise ConfigError("config field `tasks` = {}: name at least one task")
         _check_overrides(self.common, "common")
+        for name, var in self.variants.items():
+            if not _NAME.match(name) or name in ESTIMATORS or name == WARM_START:
+                raise ConfigError(f"config field `variants.{name}`: a variant's name must match {_NAME.pattern} "
+                                  "and differ from every estimator's")
+            if var.estimator not in ESTIMATORS:
+                raise ConfigError(f"config field `variants.{name}.estimator` = {var.estimator!r}: must be one of "
+                                  f"{sorted(ESTIMATORS)}")
+            _check_overrides(var.overrides, f"variants.{name}.overrides")
         for task, spec in self.tasks.items():
             if not _NAME.match(task):
                 raise ConfigError(f"config field `tasks.{task}`: task names must match {_NAME.pattern}")
@@ -92,9 +107,9 @@ class ExperimentConfig:
                 raise ConfigError(f"config field `tasks.{task}.estimators` = {spec.estimators!r}: "
                                   "must be a non-empty list without repeats")
             for est in spec.estimators:
-                if est not in ESTIMATORS:
-                    raise ConfigError(f"config field `tasks.{task}.estimators` holds {est!r}: "
-                                      f"must be one of {sorted(ESTIMATORS)}")
+                if est not in ESTIMATORS and est not in self.variants:
+                    raise ConfigError(f"config field `tasks.{task}.estimators` holds {est!r}: must be one of "
+                                      f"{sorted(ESTIMATORS)} or a name under `variants`")
             _check_overrides(spec.overrides, f"tasks.{task}.overrides")
         self.report.validate("report")
 
@@ -121,11 +136,15 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
     tasks = tree.pop("tasks", {}) or {}
     if not isinstance(tasks, dict):
         raise ConfigError(f"config field `tasks` = {tasks!r}: must be a mapping of task name to task")
+    variants = tree.pop("variants", {}) or {}
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
+        raise ConfigError(f"config field `variants` = {variants!r}: must map names to {{estimator, overrides}}")
     exp = _build(ExperimentConfig, tree, "")
     for name, spec in tasks.items():
         if not isinstance(spec, dict):
             raise ConfigError(f"config field `tasks.{name}` = {spec!r}: must be a mapping with estimators, overrides")
     exp.tasks = {str(name): _build(TaskConfig, spec, f"tasks.{name}") for name, spec in tasks.items()}
+    exp.variants = {str(name): _build(VariantConfig, spec, f"variants.{name}") for name, spec in variants.items()}
     exp.validate()
     return exp
 
@@ -176,7 +195,8 @@ def expand_grid(exp: ExperimentConfig, *, out_dir: str | Path | None = None,
                 extra: list[str] | tuple[str, ...] = ()) -> list[RunSpec]:
     """Every run of the experiment, seed-major, with its full override list.
 
-    Override order (later wins): ``common``, the task's ``overrides``, ``extra`` (command line),
+    Override order (later wins): ``common``, the task's ``overrides``, a variant's ``overrides``, ``extra``
+    (command line),
     then the grid's own keys (:data:`GRID_KEYS`; ``warm_start`` adds ``learner.total_steps=0``).
     """
     for item in extra:
@@ -191,11 +211,13 @@ def expand_grid(exp: ExperimentConfig, *, out_dir: str | Path | None = None,
             for est in estimators:
                 run_dir = root / f"{task}-{est}-seed{seed}"
                 grid = {"run.seed": seed, "run.name": f"{exp.name}-{run_dir.name}", "run.run_dir": str(run_dir)}
+                variant = exp.variants.get(est)
                 if est == WARM_START:
                     grid["learner.total_steps"] = 0
                 else:
-                    grid[ESTIMATOR_KEY] = est
-                args = merge_args(override_args(exp.common), override_args(spec.overrides), list(extra),
+                    grid[ESTIMATOR_KEY] = variant.estimator if variant else est
+                args = merge_args(override_args(exp.common), override_args(spec.overrides),
+                                  override_args(variant.overrides if variant else {}), list(extra),
                                   override_args(grid))
                 runs.append(RunSpec(task, est, seed, run_dir, tuple(args)))
     return runs

@@ -14,6 +14,7 @@ import yaml
 from learner.cli import main as cli_main
 from common.config import ConfigError, load_config
 from learner.experiment import (
+    build_configs,
     config_drift,
     expand_grid,
     load_experiment,
@@ -140,7 +141,8 @@ def test_shipped_experiment_config(tmp_path):
     uncommented = [ln for ln in path.read_text().splitlines() if re.match(r"^\s*[A-Za-z_.]+:", ln) and "#" not in ln]
     assert not uncommented, f"keys without a comment: {uncommented}"
     exp = load_experiment(path)
-    assert exp.tasks["two_turn"].estimators == ["grpo_or", "grpo_mr", "mt_grpo", "gigpo"]
+    assert exp.tasks["two_turn"].estimators == ["grpo_or", "grpo_mr", "mt_grpo", "mt_grpo_l02", "gigpo"]
+    assert exp.variants["mt_grpo_l02"].overrides == {"algorithm.outcome_coef": 0.2}  # the seed's lambda
     assert exp.tasks["multi_hop"].estimators == ["grpo_or", "grpo_mr", "mt_grpo_k", "gigpo"]
     assert len(exp.seeds) >= 3
     runs = expand_grid(exp, out_dir=tmp_path)
@@ -402,3 +404,32 @@ def test_held_out_curves_give_areas_steps_to_target_and_paired_verdicts(tmp_path
     assert "mt_grpo - grpo_or, area under answer_in_result: +0.308" in section
     assert "mt_grpo higher" in section.split("area under answer_in_result: +0.308", 1)[1].split("\n", 1)[0]
     assert "final exact match: +0.000" in section and "not distinguishable" in section
+
+
+def test_a_variant_runs_an_estimator_with_its_own_settings(tmp_path):
+    """variants: the seed's relevance factor (outcome_coef 0.2) as a row of its own beside mt_grpo."""
+    import copy
+
+    path = _write_exp(tmp_path, variants={"mt_grpo_l02": {"estimator": "mt_grpo",
+                                                          "overrides": {"algorithm.outcome_coef": 0.2}}})
+    tree = yaml.safe_load(path.read_text())
+    tree["tasks"]["two_turn"]["estimators"].append("mt_grpo_l02")
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    exp = load_experiment(path)
+    runs = {r.name: r for r in expand_grid(exp)}
+    cfgs = build_configs(exp, list(runs.values()))
+    var, base = cfgs["two_turn-mt_grpo_l02-seed0"], cfgs["two_turn-mt_grpo-seed0"]
+    assert (var.algorithm.advantage, var.algorithm.outcome_coef) == ("mt_grpo", 0.2)
+    assert (base.algorithm.advantage, base.algorithm.outcome_coef) == ("mt_grpo", 1.0)
+    assert runs["two_turn-mt_grpo_l02-seed0"].estimator == "mt_grpo_l02"  # the report's row name
+    bad = dict(copy.deepcopy(tree), variants={"grpo_or_l02": {"estimator": "grpo_or",
+                                                               "overrides": {"algorithm.outcome_coef": 0.2}}})
+    bad["tasks"]["two_turn"]["estimators"] = ["grpo_or_l02"]
+    path.write_text(yaml.safe_dump(bad, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"run two_turn-grpo_or_l02-seed0: .*`algorithm.outcome_coef`"):
+        build_configs(load_experiment(path), expand_grid(load_experiment(path)))
+    for variants, rule in (({"mt_grpo": {"estimator": "mt_grpo"}}, "differ from every estimator"),
+                           ({"v": {"estimator": "nope"}}, r"`variants.v.estimator`")):
+        path.write_text(yaml.safe_dump(dict(tree, variants=variants), sort_keys=False))
+        with pytest.raises(ConfigError, match=rule):
+            load_experiment(path)
