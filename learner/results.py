@@ -250,9 +250,11 @@ def held_out_section(records: list[dict[str, Any]], order: dict[str, list[str]])
     lines = ["## Held-out learning (`eval.every_steps`)", "",
              f"From each run's held-out curve (`eval.json` `curve`; every point in `runs.csv`): final exact match, "
              f"area under the {key} curve (its mean level over training: quicker scores higher), and the first "
-             f"evaluated step with {key} >= {target}. Intervals: 95 % percentile bootstrap over seeds. Pairs: "
+             f"evaluated step with {key} >= {target}; a curve starts at step 0 with the seed's warm-start run when the "
+             "run did not evaluate before training. Intervals: 95 % percentile bootstrap over seeds. Pairs: "
              "the per-seed difference (same seed = same data order and warm start), with a verdict only when "
              "its interval excludes 0.", ""]
+    start = {(r["task"], r["seed"]): r["eval"][SAMPLED] for r in records if r["estimator"] == WARM_START}
     for task, estimators in order.items():
         by_est: dict[str, dict[int, dict[str, Any]]] = {}
         for r in runs:
@@ -265,7 +267,8 @@ def held_out_section(records: list[dict[str, Any]], order: dict[str, list[str]])
         figures: dict[str, dict[str, dict[int, float]]] = {}
         for est in [e for e in estimators if e in by_est]:
             seeds = by_est[est]
-            curves = {s: [(p["step"], p[key]) for p in r["eval"]["curve"]] for s, r in seeds.items()}
+            curves = {s: ([(0, start[(task, s)][key])] if (task, s) in start and r["eval"]["curve"][0]["step"] > 0
+                          else []) + [(p["step"], p[key]) for p in r["eval"]["curve"]] for s, r in seeds.items()}
             em = {s: float(r["eval"][SAMPLED]["exact_match"]) for s, r in seeds.items()}
             area = {s: curve_area(c) for s, c in curves.items()}
             figures[est] = {"em": em, "area": area}

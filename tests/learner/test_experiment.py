@@ -433,3 +433,19 @@ def test_a_variant_runs_an_estimator_with_its_own_settings(tmp_path):
         path.write_text(yaml.safe_dump(dict(tree, variants=variants), sort_keys=False))
         with pytest.raises(ConfigError, match=rule):
             load_experiment(path)
+
+
+def test_a_held_out_curve_without_step_0_starts_from_the_seeds_warm_start_run(tmp_path):
+    from learner.results import held_out_section, load_records
+
+    exp = load_experiment(_write_exp(tmp_path, seeds=[0]))
+    runs = expand_grid(exp)
+    _fake_run(tmp_path / "runs/two_turn-warm_start-seed0", {"answer_in_result": 0.2, "exact_match": 0.0}, 0, 0.0)
+    d = tmp_path / "runs/two_turn-mt_grpo-seed0"
+    _fake_run(d, {"answer_in_result": 1.0, "exact_match": 0.3}, 4, 0.0)
+    ev = json.loads((d / "eval.json").read_text())
+    ev["curve"] = [{"step": 10, "answer_in_result": 1.0}, {"step": 20, "answer_in_result": 1.0}]
+    (d / "eval.json").write_text(json.dumps(ev))
+    text = "\n".join(held_out_section(load_records(runs), {"two_turn": ["mt_grpo"]}))
+    # points (0, 0.2), (10, 1.0), (20, 1.0): area (10 * 0.6 + 10 * 1.0) / 20 = 0.8; 0.8 first reached at step 10
+    assert "| mt_grpo | 0.300 [0.300, 0.300] | 0.800 [0.800, 0.800] | 10 | 1 |" in text
