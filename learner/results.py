@@ -272,7 +272,8 @@ def held_out_section(records: list[dict[str, Any]], order: dict[str, list[str]])
             em = {s: float(r["eval"][SAMPLED]["exact_match"]) for s, r in seeds.items()}
             area = {s: curve_area(c) for s, c in curves.items()}
             figures[est] = {"em": em, "area": area}
-            reach = ", ".join(str(steps_to_target(curves[s], target)) for s in sorted(curves))
+            reached = [steps_to_target(curves[s], target) for s in sorted(curves)]
+            reach = ", ".join("never" if n is None else str(n) for n in reached)
             ci = lambda d: "{:.3f} [{:.3f}, {:.3f}]".format(*bootstrap_ci(list(d.values())))  # noqa: E731
             lines.append(f"| {est} | {ci(em)} | {ci(area)} | {reach} | {len(seeds)} |")
         lines.append("")
