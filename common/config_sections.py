@@ -416,12 +416,21 @@ class EvalConfig:
     greedy: bool = True  # also evaluate greedily (the sampled evaluation uses the training temperature)
     before_training: bool = True  # evaluate the starting (warm-start) policy too
     every_steps: int = 0  # also evaluate (sampled) every k steps and at the last: eval/* in metrics.jsonl and Prometheus, eval.json "curve" (held-out learning curves); 0: before and after training only
+    extra_steps: list[int] = field(default_factory=list)  # more curve points at these steps (e.g. [1, 2, 3]: a finer curve early in training, where estimators part); needs every_steps > 0
 
     def validate(self, p: str) -> None:
         if self.num_questions < 1:
             _fail(f"{p}.num_questions", self.num_questions, "must be >= 1")
         if self.every_steps < 0:
             _fail(f"{p}.every_steps", self.every_steps, "must be >= 0 (0: no evaluation during training)")
+        if any(k < 1 for k in self.extra_steps):
+            _fail(f"{p}.extra_steps", self.extra_steps, "must be a list of steps >= 1")
+        if self.extra_steps and not self.every_steps:
+            _fail(f"{p}.extra_steps", self.extra_steps, "needs eval.every_steps > 0 (the curve it adds points to)")
+
+    def due(self, step: int, last: int) -> bool:
+        """Whether the held-out curve has a point at ``step`` (of ``last``)."""
+        return bool(self.every_steps) and (step % self.every_steps == 0 or step == last or step in self.extra_steps)
 
 
 @dataclass

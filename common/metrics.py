@@ -110,6 +110,8 @@ EVAL_ANSWER_IN_RESULT = "eval/answer_in_result/rate"
 EVAL_FORMAT = "eval/format/mean"
 EVAL_TURNS = "eval/turns/mean"
 EVAL_TRUNCATED = "eval/truncated/rate"
+EVAL_MULTI_HOP_ANSWER_IN_RESULT = "eval/multi_hop/answer_in_result/rate"
+EVAL_MULTI_HOP_SEARCHES = "eval/multi_hop/searches/mean"
 
 METRICS: dict[str, str] = {
     REWARD_TOTAL: "Mean total reward (turn + outcome) per episode",
@@ -200,6 +202,8 @@ METRICS.update({
     EVAL_FORMAT: "Held-out mean format reward component (eval.every_steps)",
     EVAL_TURNS: "Held-out mean assistant turns per episode (eval.every_steps)",
     EVAL_TRUNCATED: "Held-out share of truncated episodes (eval.every_steps)",
+    EVAL_MULTI_HOP_ANSWER_IN_RESULT: "Held-out questions of 2+ hops: share whose search found the answer's article",
+    EVAL_MULTI_HOP_SEARCHES: "Held-out questions of 2+ hops: mean tool calls per episode",
 })
 for _role in ACTOR_ROLES:
     METRICS[ACTOR_RESTARTS_ROLE.format(role=_role)] = f"Ray restarts of this run's {_role} actors so far"

@@ -214,7 +214,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
             stats = loop.step(step) if loop is not None else sync_step(trainer, step)
             stats.update(run_counters(trainer, restart_base, sync=loop is None))
             stats[M.TIME_STEP] = time.time() - t0
-            if cfg.eval.every_steps and (step % cfg.eval.every_steps == 0 or step == last):  # held-out curve
+            if cfg.eval.due(step, last):  # held-out curve (eval.every_steps, eval.extra_steps)
                 held_out = trainer.evaluate(f"step {step}", greedy=False)
                 results.setdefault("curve", []).append({"step": step, **held_out})
                 stats.update(eval_metrics(held_out))

@@ -14,6 +14,9 @@ from common import schema as S
 log = logging.getLogger(__name__)
 
 EVAL_KEYS = ("exact_match", "tool_success", "answer_in_result", "format", "turns", "truncated")
+# held-out summary keys over the questions of two or more hops only (multi-hop task, :func:`multi_hop_summary`)
+MULTI_HOP_KEYS = ("multi_hop_answer_in_result", "multi_hop_exact_match", "multi_hop_searches",
+                  "multi_hop_two_searches")
 
 
 def episode_summaries(table) -> list[dict[str, Any]]:
@@ -67,6 +70,29 @@ def summarize_episodes(episodes: list[dict[str, Any]]) -> dict[str, float]:
         "turns": sum(e.get("turns", 0) for e in episodes) / n,
         "truncated": sum(float(bool(e.get("truncated"))) for e in episodes) / n,
         "episodes": float(len(episodes)),
+    }
+
+
+def multi_hop_summary(episodes: list[dict[str, Any]], questions: list[dict[str, Any]]) -> dict[str, float]:
+    """The held-out figures over the questions of two or more hops (``questions[i]`` is episode i's), or {}.
+
+    ``multi_hop_answer_in_result``: some search result held an answer alias. On the demo data the answer of a
+    two-hop question ("In which country is the home city of X?") is only in the bridge entity's article (the
+    city's), which the question does not name: it is the share of episodes that made a correct second search.
+    ``multi_hop_searches``: mean tool calls; ``multi_hop_two_searches``: share with at least two executed ones.
+    """
+    if len(episodes) != len(questions):
+        raise ValueError(f"{len(episodes)} episodes for {len(questions)} questions")
+    multi = [e for e, q in zip(episodes, questions) if int(q.get("hops") or 1) >= 2]
+    if not multi:
+        return {}
+    n = len(multi)
+    return {
+        "multi_hop_answer_in_result": sum(float(bool(e.get("answer_in_result"))) for e in multi) / n,
+        "multi_hop_exact_match": sum(e.get("exact_match", 0.0) for e in multi) / n,
+        "multi_hop_searches": sum(e.get("tool_calls", 0) for e in multi) / n,
+        "multi_hop_two_searches": sum(1.0 for e in multi if e.get("tool_successes", 0) >= 2) / n,
+        "multi_hop_questions": float(n),
     }
 
 
@@ -154,5 +180,6 @@ def eval_metrics(summary: dict[str, float]) -> dict[str, float]:
     """A held-out evaluation's summary (:func:`summarize_episodes`) as ``eval/*`` step metrics."""
     names = {"exact_match": M.EVAL_EXACT_MATCH, "tool_success": M.EVAL_TOOL_SUCCESS,
              "answer_in_result": M.EVAL_ANSWER_IN_RESULT, "format": M.EVAL_FORMAT, "turns": M.EVAL_TURNS,
-             "truncated": M.EVAL_TRUNCATED}
+             "truncated": M.EVAL_TRUNCATED, "multi_hop_answer_in_result": M.EVAL_MULTI_HOP_ANSWER_IN_RESULT,
+             "multi_hop_searches": M.EVAL_MULTI_HOP_SEARCHES}
     return {names[k]: float(v) for k, v in summary.items() if k in names}

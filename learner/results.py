@@ -21,6 +21,7 @@ from typing import Any, Iterable
 
 from common import metrics as M
 from learner.curve_stats import bootstrap_ci, curve_area, paired_difference, steps_to_target
+from learner.evaluation import MULTI_HOP_KEYS
 from learner.experiment import WARM_START, ExperimentConfig, RunSpec
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,8 @@ def write_runs_csv(records: list[dict[str, Any]], path: Path) -> int:
 
     rows = [{"task": r["task"], "estimator": r["estimator"], "seed": r["seed"], "run": r["name"],
              "step": point["step"], "metric": key, "value": point[key]}
-            for r in _held_out(records) for point in r["eval"]["curve"] for key, _ in COLUMNS if key in point]
+            for r in _held_out(records) for point in r["eval"]["curve"]
+            for key in (*(k for k, _ in COLUMNS), *MULTI_HOP_KEYS) if key in point]
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["task", "estimator", "seed", "run", "step", "metric", "value"])
@@ -288,6 +290,36 @@ def held_out_section(records: list[dict[str, Any]], order: dict[str, list[str]])
     return lines
 
 
+def second_search_section(records: list[dict[str, Any]], order: dict[str, list[str]]) -> list[str]:
+    """Per task with questions of two or more hops: does a policy make the second search, and a correct one?
+    Mean [95 % bootstrap interval] over seeds of the trained policies' (and the warm start's) held-out figures
+    over those questions only (``learner.evaluation.multi_hop_summary``)."""
+    lines: list[str] = []
+    cols = (("multi_hop_answer_in_result", "correct second search (answer in a result)"),
+            ("multi_hop_two_searches", "two or more searches"), ("multi_hop_searches", "searches per episode"),
+            ("multi_hop_exact_match", "exact match"))
+    for task, estimators in order.items():
+        by_est: dict[str, list[dict[str, float]]] = {}
+        for r in records:
+            ev = r["eval"].get(SAMPLED, {})
+            if r["task"] == task and cols[0][0] in ev:
+                by_est.setdefault(r["estimator"], []).append(ev)
+        if not by_est:
+            continue
+        n_q = int(next(iter(by_est.values()))[0].get("multi_hop_questions", 0))
+        lines += [f"### {task}: the second search ({n_q} held-out questions of two hops per run)", "",
+                  "On the demo data a two-hop answer is only in the bridge entity's article, which the question "
+                  "does not name: answer-in-result on these questions is the share of episodes whose second "
+                  "search found it.", "",
+                  "| estimator | " + " | ".join(t for _, t in cols) + " | seeds |", "|---" * (len(cols) + 2) + "|"]
+        for est in [e for e in estimators if e in by_est]:
+            evs = by_est[est]
+            cells = ["{:.3f} [{:.3f}, {:.3f}]".format(*bootstrap_ci([float(e[k]) for e in evs])) for k, _ in cols]
+            lines.append(f"| {est} | " + " | ".join(cells) + f" | {len(evs)} |")
+        lines.append("")
+    return ["## Multi-hop: the second search", "", *lines] if lines else []
+
+
 def render(exp: ExperimentConfig, records: list[dict[str, Any]], state: dict[str, Any], figures: dict[str, Path],
            report_path: Path, cpus: int, total_runs: int) -> tuple[str, str]:
     """The report's Markdown and the README block."""
@@ -332,6 +364,7 @@ def render(exp: ExperimentConfig, records: list[dict[str, Any]], state: dict[str
     else:
         lines += ["Not measured (`eval.greedy: false` in these runs).", ""]
     lines += held_out_section(records, order)
+    lines += second_search_section(records, order)
     lines += [DISCUSSION_PLACEHOLDER.rstrip("\n"), "", "## Learning curves", ""]
     for task, fig in figures.items():
         rel = os.path.relpath(fig, report_path.parent)

@@ -31,7 +31,7 @@ from env_workers.prepare import DataPaths
 from env_workers.rewards import RewardWeights
 from env_workers.worker import EnvWorker
 from learner.cluster import Placement, RestartCounter
-from learner.evaluation import episode_metrics, episode_summaries, summarize_episodes
+from learner.evaluation import episode_metrics, episode_summaries, multi_hop_summary, summarize_episodes
 from learner.faults import EpisodeAudit, rollout_with_retries
 from learner.weight_sync import make_weight_sync
 from learner.worker import LearnerWorker
@@ -224,6 +224,7 @@ class Trainer:
             self.eval_questions, group_size=1, first_group_id=-(10**9), first_episode_id=-(10**9),
             params=self.sampling(greedy=greedy, seed=self.cfg.run.seed + 99), to_queue=False))
         summary = summarize_episodes(res["episodes"])
+        summary.update(multi_hop_summary(res["episodes"], self.eval_questions))  # {} without multi-hop questions
         log.info("eval %s: %s", label, {k: round(v, 3) for k, v in summary.items()})
         return summary
 

@@ -47,7 +47,7 @@ def test_few_rl_steps_through_real_actors(tmp_path, monkeypatch):
         f"model.path={REPO / 'deploy/warmstart'}", f"data.dir={tmp_path / 'data'}", f"run.run_dir={run_dir}",
         "learner.total_steps=2", "algorithm.prompts_per_step=4", "algorithm.group_size=4",
         "learner.micro_batch_size=8", "eval.num_questions=8", "eval.greedy=false", "learner.lr=0.01",
-        "eval.every_steps=1",
+        "eval.every_steps=2", "eval.extra_steps=[1]", "data.max_hops=2",
     ])
     found: dict = {}
     stop = threading.Event()
@@ -86,6 +86,10 @@ def test_few_rl_steps_through_real_actors(tmp_path, monkeypatch):
     assert [p["step"] for p in results["curve"]] == [0, 1, 2]
     assert results["curve"][0]["exact_match"] == results["warm_start"]["exact_match"]
     assert {k: v for k, v in results["curve"][-1].items() if k != "step"} == results["trained"]
+    # data.max_hops=2: the held-out questions of two hops get their own figures (the second search)
+    assert results["trained"]["multi_hop_questions"] >= 1
+    assert 0.0 <= results["trained"]["multi_hop_answer_in_result"] <= 1.0
+    assert all("eval/multi_hop/searches/mean" in r for r in logged)
     assert logged[-1]["eval/exact_match/rate"] == results["trained"]["exact_match"]
     ev = json.loads((run_dir / "eval.json").read_text())
     for key in ("warm_start", "trained"):

@@ -449,3 +449,28 @@ def test_a_held_out_curve_without_step_0_starts_from_the_seeds_warm_start_run(tm
     text = "\n".join(held_out_section(load_records(runs), {"two_turn": ["mt_grpo"]}))
     # points (0, 0.2), (10, 1.0), (20, 1.0): area (10 * 0.6 + 10 * 1.0) / 20 = 0.8; 0.8 first reached at step 10
     assert "| mt_grpo | 0.300 [0.300, 0.300] | 0.800 [0.800, 0.800] | 10 | 1 |" in text
+
+
+def test_the_second_search_section_reports_the_multi_hop_figures_with_intervals(tmp_path):
+    """Runs whose evaluation covered two-hop questions get a table of those figures (warm start included);
+    a task without them gets none. Two seeds: mean of the two values, bootstrap interval within them."""
+    from learner.results import load_records, second_search_section
+
+    exp = load_experiment(_write_exp(tmp_path, seeds=[0, 1]))
+    runs = expand_grid(exp)
+    hop = lambda air, two: {"multi_hop_answer_in_result": air, "multi_hop_two_searches": two,  # noqa: E731
+                            "multi_hop_searches": 1 + two, "multi_hop_exact_match": air / 2,
+                            "multi_hop_questions": 28.0}
+    _fake_run(tmp_path / "runs/multi_hop-warm_start-seed0", {"answer_in_result": 0.2, **hop(0.0, 0.1)}, 0, 0.0)
+    _fake_run(tmp_path / "runs/multi_hop-warm_start-seed1", {"answer_in_result": 0.2, **hop(0.1, 0.1)}, 0, 0.0)
+    _fake_run(tmp_path / "runs/multi_hop-mt_grpo_k-seed0", {"answer_in_result": 0.5, **hop(0.4, 0.5)}, 4, 0.0)
+    _fake_run(tmp_path / "runs/multi_hop-mt_grpo_k-seed1", {"answer_in_result": 0.5, **hop(0.4, 0.7)}, 4, 0.0)
+    _fake_run(tmp_path / "runs/two_turn-mt_grpo-seed0", {"answer_in_result": 0.9}, 4, 0.0)
+    text = "\n".join(second_search_section(load_records(runs), {"two_turn": ["mt_grpo"],
+                                                                "multi_hop": ["warm_start", "mt_grpo_k"]}))
+    assert "### multi_hop: the second search (28 held-out questions of two hops per run)" in text
+    assert "two_turn" not in text
+    rows = _table_rows(text, "### multi_hop")
+    assert rows["warm_start"][0] == "0.050 [0.000, 0.100]" and rows["warm_start"][-1] == "2"
+    assert rows["mt_grpo_k"][:3] == ["0.400 [0.400, 0.400]", "0.600 [0.500, 0.700]", "1.600 [1.500, 1.700]"]
+    assert second_search_section(load_records(runs), {"two_turn": ["mt_grpo"]}) == []
