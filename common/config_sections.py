@@ -254,16 +254,24 @@ class RolloutConfig:
 
 #: ``algorithm.*`` fields that are keyword arguments of the estimators in ``learner.credit`` (each passed to
 #: the estimators that take it: ``learner.credit.estimator_hparams``; checked by ``check_estimator_config``).
-ESTIMATOR_HPARAMS = ("turn_coef", "outcome_coef", "final_outcome_coef", "gamma", "step_coef", "eps", "scale_by_std")
+ESTIMATOR_HPARAMS = ("turn_coef", "outcome_coef", "final_outcome_coef", "gamma", "step_coef", "eps", "scale_by_std",
+                     "lam", "whiten")
+#: ``algorithm.*`` fields of the critic (``learner.critic``): only the estimators that take ``values`` use them.
+CRITIC_FIELDS = ("critic_lr", "critic_value_clip", "critic_model_path")
 
 
 @dataclass
 class AlgorithmConfig:
     advantage: str = "mt_grpo"  # credit-assignment estimator (learner.credit.ESTIMATORS)
-    turn_coef: float = 1.0  # c_T: weight of the normalised turn reward (mt_grpo, mt_grpo_k)
+    turn_coef: float = 1.0  # c_T: weight of the normalised turn reward (mt_grpo, mt_grpo_k; mt_ppo: of the raw turn reward)
     outcome_coef: float = 1.0  # c_O: weight of the normalised outcome reward on turns before the last (mt_grpo, mt_grpo_k)
     final_outcome_coef: float = 1.0  # mt_grpo_k: weight of the normalised outcome on the last turn
-    gamma: float = 1.0  # discount over later turns (mt_grpo_k, gigpo)
+    gamma: float = 1.0  # discount over later turns (mt_grpo_k, gigpo, mt_ppo, ppo)
+    lam: float = 1.0  # GAE lambda over turns (mt_ppo, ppo): 1 = Monte-Carlo return minus V, 0 = one-step TD
+    whiten: bool = True  # mt_ppo, ppo: normalise the GAE advantages over the batch's turns (mean 0, std 1)
+    critic_lr: float = 1e-3  # mt_ppo, ppo: the critic's Adam learning rate (its own DeepSpeed engine; learner.critic)
+    critic_value_clip: float | None = 0.5  # mt_ppo, ppo: PPO value clipping range around the pre-update values (reward units); null: off
+    critic_model_path: str | None = None  # mt_ppo, ppo: the critic's initial decoder; null: the starting policy (model.path)
     step_coef: float = 1.0  # gigpo: weight of the step-level (anchor-state) advantage
     eps: float = 1e-6  # added to the group std (every estimator)
     scale_by_std: bool = True  # divide by the group std (false: mean-centred only, Dr. GRPO)
@@ -307,6 +315,14 @@ class AlgorithmConfig:
             _fail(f"{p}.is_cap", self.is_cap, "applies to algorithm.off_policy tis or decoupled only")
         if not self.is_cap > 0:
             _fail(f"{p}.is_cap", self.is_cap, "must be > 0")
+        if not 0 <= self.gamma <= 1:
+            _fail(f"{p}.gamma", self.gamma, "must be in [0, 1]")
+        if not 0 <= self.lam <= 1:
+            _fail(f"{p}.lam", self.lam, "must be in [0, 1]")
+        if not self.critic_lr > 0:
+            _fail(f"{p}.critic_lr", self.critic_lr, "must be > 0")
+        if self.critic_value_clip is not None and not self.critic_value_clip > 0:
+            _fail(f"{p}.critic_value_clip", self.critic_value_clip, "must be > 0, or null (no value clipping)")
         if self.clip_ratio_c is not None and not self.clip_ratio_c > 1:
             _fail(f"{p}.clip_ratio_c", self.clip_ratio_c, "must be > 1 (the dual clip caps the loss at c*|A|), or null")
 
@@ -427,10 +443,6 @@ class EvalConfig:
             _fail(f"{p}.extra_steps", self.extra_steps, "must be a list of steps >= 1")
         if self.extra_steps and not self.every_steps:
             _fail(f"{p}.extra_steps", self.extra_steps, "needs eval.every_steps > 0 (the curve it adds points to)")
-
-    def due(self, step: int, last: int) -> bool:
-        """Whether the held-out curve has a point at ``step`` (of ``last``)."""
-        return bool(self.every_steps) and (step % self.every_steps == 0 or step == last or step in self.extra_steps)
 
 
 @dataclass

@@ -113,6 +113,13 @@ EVAL_TRUNCATED = "eval/truncated/rate"
 EVAL_MULTI_HOP_ANSWER_IN_RESULT = "eval/multi_hop/answer_in_result/rate"
 EVAL_MULTI_HOP_SEARCHES = "eval/multi_hop/searches/mean"
 
+# --- the critic of mt_ppo / ppo (learner/critic.py) -----------------------------------------------------
+CRITIC_VALUE_LOSS = "critic/value_loss"
+CRITIC_CLIP_FRAC = "critic/value_clip_frac"
+CRITIC_VALUE_MEAN = "critic/value/mean"
+CRITIC_RETURN_MEAN = "critic/return/mean"
+CRITIC_EXPLAINED_VARIANCE = "critic/explained_variance"
+
 METRICS: dict[str, str] = {
     REWARD_TOTAL: "Mean total reward (turn + outcome) per episode",
     REWARD_TURN: "Mean summed turn reward per episode",
@@ -204,6 +211,13 @@ METRICS.update({
     EVAL_TRUNCATED: "Held-out share of truncated episodes (eval.every_steps)",
     EVAL_MULTI_HOP_ANSWER_IN_RESULT: "Held-out questions of 2+ hops: share whose search found the answer's article",
     EVAL_MULTI_HOP_SEARCHES: "Held-out questions of 2+ hops: mean tool calls per episode",
+})
+METRICS.update({
+    CRITIC_VALUE_LOSS: "Critic's clipped value loss of the step (mt_ppo, ppo)",
+    CRITIC_CLIP_FRAC: "Share of turns whose value loss took the clipped branch (algorithm.critic_value_clip)",
+    CRITIC_VALUE_MEAN: "Mean critic value V at the batch's turn starts, before the step's update",
+    CRITIC_RETURN_MEAN: "Mean GAE return target R = A + V of the batch's turns",
+    CRITIC_EXPLAINED_VARIANCE: "1 - Var(R - V) / Var(R) over the batch's turns (1: perfect critic)",
 })
 for _role in ACTOR_ROLES:
     METRICS[ACTOR_RESTARTS_ROLE.format(role=_role)] = f"Ray restarts of this run's {_role} actors so far"

@@ -23,6 +23,9 @@ Reference: Zeng et al. 2025, "Reinforcing Multi-Turn Reasoning in LLM Agents via
 Credit Assignment", arXiv 2505.11821 (MT-GRPO). GiGPO: Feng et al. 2025, "Group-in-Group
 Policy Optimization for LLM Agent Training", arXiv 2505.10978.
 
+Estimators that bootstrap from a learned critic (``mt_ppo``, ``ppo``: GAE over turns) live in
+:mod:`learner.credit_critic` and register here; they take the critic's ``values`` float[B, K] too.
+
 This module never imports Ray and takes no config objects: hyperparameters are keyword args.
 """
 
@@ -34,7 +37,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from learner.credit_ops import broadcast_to_tokens, group_normalize, segment_normalize
+from learner.credit_ops import (ESTIMATORS, _check_inputs, _masked, broadcast_to_tokens, get_estimator, group_normalize,
+                                register_estimator, segment_normalize)
+from learner.credit_critic import mt_ppo, ppo  # registers the critic-based estimators too
 
 logger = logging.getLogger(__name__)
 
@@ -49,60 +54,13 @@ __all__ = [
     "mt_grpo",
     "mt_grpo_k",
     "gigpo",
+    "mt_ppo",
+    "ppo",
 ]
-
-Estimator = Callable[..., Tensor]
-
-ESTIMATORS: dict[str, Estimator] = {}
-"""Advantage estimators by name; see the module docstring for the calling convention."""
-
-
-def register_estimator(name: str) -> Callable[[Estimator], Estimator]:
-    """Decorator adding an estimator to :data:`ESTIMATORS` under ``name``."""
-
-    def decorator(fn: Estimator) -> Estimator:
-        if name in ESTIMATORS and ESTIMATORS[name] is not fn:
-            raise ValueError(f"advantage estimator {name!r} is already registered")
-        ESTIMATORS[name] = fn
-        return fn
-
-    return decorator
-
-
-def get_estimator(name: str) -> Estimator:
-    """Look up an estimator by name; unknown names raise ``ValueError`` listing the valid ones."""
-    try:
-        return ESTIMATORS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown advantage estimator {name!r}; valid: {sorted(ESTIMATORS)}"
-        ) from None
-
 
 # --------------------------------------------------------------------------------------------
 # Helpers shared by the estimators
 # --------------------------------------------------------------------------------------------
-
-
-def _check_inputs(
-    turn_rewards: Tensor, outcome_rewards: Tensor, turn_mask: Tensor, group_ids: Tensor
-) -> Tensor:
-    """Validate shapes and turn contiguity; return ``turn_mask`` as bool[B, K]."""
-    if turn_rewards.dim() != 2:
-        raise ValueError(f"turn_rewards must be [B, K]; got {tuple(turn_rewards.shape)}")
-    b, k = turn_rewards.shape
-    if turn_mask.shape != (b, k):
-        raise ValueError(f"turn_mask must be [B, K]={b, k}; got {tuple(turn_mask.shape)}")
-    if outcome_rewards.shape != (b,):
-        raise ValueError(f"outcome_rewards must be [B]={b}; got {tuple(outcome_rewards.shape)}")
-    if group_ids.shape != (b,):
-        raise ValueError(f"group_ids must be [B]={b}; got {tuple(group_ids.shape)}")
-    if not torch.is_floating_point(turn_rewards) or not torch.is_floating_point(outcome_rewards):
-        raise ValueError("turn_rewards and outcome_rewards must be floating point tensors")
-    mask = turn_mask.bool()  # [B, K]
-    if k > 1 and bool((mask[:, 1:] & ~mask[:, :-1]).any()):
-        raise ValueError("turn_mask must be contiguous from turn 0 (a turn exists after a gap)")
-    return mask
 
 
 def _num_turns(mask: Tensor) -> Tensor:
@@ -125,11 +83,6 @@ def _discounted_suffix_sum(x: Tensor, gamma: float) -> Tensor:
         running = x[:, k] + gamma * running  # [B]
         out[:, k] = running
     return out
-
-
-def _masked(adv: Tensor, mask: Tensor) -> Tensor:
-    """Zero out absent turns exactly (``where``, so inf/NaN never leak through a 0 * x)."""
-    return torch.where(mask, adv, torch.zeros_like(adv))  # [B, K]
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,3 +362,4 @@ def gigpo(
         step_adv[bi, ki] = segment_normalize(returns[bi, ki], seg, eps, scale_by_std)  # [N]
     adv = ep_adv[:, None] + step_coef * step_adv  # [B, K]
     return _masked(adv, mask)  # [B, K]
+

@@ -2,17 +2,22 @@
 
 * :func:`group_normalize` -- GRPO group normalisation of one value per episode (over
   :func:`segment_normalize`, which GiGPO also uses for its step groups);
-* :func:`broadcast_to_tokens` -- per-turn advantages to per-token advantages.
+* :func:`broadcast_to_tokens` -- per-turn advantages to per-token advantages;
+* the estimator registry (:data:`ESTIMATORS`, :func:`register_estimator`, :func:`get_estimator`) and the
+  input checks every estimator runs, shared by :mod:`learner.credit` and :mod:`learner.credit_critic`.
 
 Pure functions on tensors (no Ray, no config); shapes are in each docstring.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
-__all__ = ["segment_normalize", "group_normalize", "broadcast_to_tokens"]
+__all__ = ["segment_normalize", "group_normalize", "broadcast_to_tokens", "ESTIMATORS", "register_estimator",
+           "get_estimator"]
 
 
 def segment_normalize(
@@ -116,3 +121,61 @@ def broadcast_to_tokens(
         return turn_advantages.new_zeros(token_turn_index.shape)
     vals = turn_advantages.gather(1, safe)  # [B, T]
     return torch.where(on, vals, torch.zeros_like(vals))  # [B, T]
+
+
+# --------------------------------------------------------------------------------------------
+# The estimator registry (learner.credit, learner.credit_critic) and the input checks they share
+# --------------------------------------------------------------------------------------------
+
+Estimator = Callable[..., Tensor]
+
+ESTIMATORS: dict[str, Estimator] = {}
+"""Advantage estimators by name; see the module docstring for the calling convention."""
+
+
+def register_estimator(name: str) -> Callable[[Estimator], Estimator]:
+    """Decorator adding an estimator to :data:`ESTIMATORS` under ``name``."""
+
+    def decorator(fn: Estimator) -> Estimator:
+        if name in ESTIMATORS and ESTIMATORS[name] is not fn:
+            raise ValueError(f"advantage estimator {name!r} is already registered")
+        ESTIMATORS[name] = fn
+        return fn
+
+    return decorator
+
+
+def get_estimator(name: str) -> Estimator:
+    """Look up an estimator by name; unknown names raise ``ValueError`` listing the valid ones."""
+    try:
+        return ESTIMATORS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown advantage estimator {name!r}; valid: {sorted(ESTIMATORS)}"
+        ) from None
+
+
+def _check_inputs(
+    turn_rewards: Tensor, outcome_rewards: Tensor, turn_mask: Tensor, group_ids: Tensor
+) -> Tensor:
+    """Validate shapes and turn contiguity; return ``turn_mask`` as bool[B, K]."""
+    if turn_rewards.dim() != 2:
+        raise ValueError(f"turn_rewards must be [B, K]; got {tuple(turn_rewards.shape)}")
+    b, k = turn_rewards.shape
+    if turn_mask.shape != (b, k):
+        raise ValueError(f"turn_mask must be [B, K]={b, k}; got {tuple(turn_mask.shape)}")
+    if outcome_rewards.shape != (b,):
+        raise ValueError(f"outcome_rewards must be [B]={b}; got {tuple(outcome_rewards.shape)}")
+    if group_ids.shape != (b,):
+        raise ValueError(f"group_ids must be [B]={b}; got {tuple(group_ids.shape)}")
+    if not torch.is_floating_point(turn_rewards) or not torch.is_floating_point(outcome_rewards):
+        raise ValueError("turn_rewards and outcome_rewards must be floating point tensors")
+    mask = turn_mask.bool()  # [B, K]
+    if k > 1 and bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+        raise ValueError("turn_mask must be contiguous from turn 0 (a turn exists after a gap)")
+    return mask
+
+
+def _masked(adv: Tensor, mask: Tensor) -> Tensor:
+    """Zero out absent turns exactly (``where``, so inf/NaN never leak through a 0 * x)."""
+    return torch.where(mask, adv, torch.zeros_like(adv))  # [B, K]

@@ -36,7 +36,7 @@ from learner.checkpoint import (
     truncate_metrics,
 )
 from learner.estimator_config import check_estimator_config
-from learner.evaluation import eval_metrics, format_table, generation_metrics, plot_learning_curves
+from learner.evaluation import curve_point_due, eval_metrics, format_table, generation_metrics, plot_learning_curves
 from learner.faults import crash_summary, inject, stale_episodes
 from learner.trainer import Trainer
 
@@ -214,7 +214,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
             stats = loop.step(step) if loop is not None else sync_step(trainer, step)
             stats.update(run_counters(trainer, restart_base, sync=loop is None))
             stats[M.TIME_STEP] = time.time() - t0
-            if cfg.eval.due(step, last):  # held-out curve (eval.every_steps, eval.extra_steps)
+            if curve_point_due(cfg.eval.every_steps, cfg.eval.extra_steps, step, last):  # held-out curve
                 held_out = trainer.evaluate(f"step {step}", greedy=False)
                 results.setdefault("curve", []).append({"step": step, **held_out})
                 stats.update(eval_metrics(held_out))

@@ -13,8 +13,9 @@ import inspect
 from typing import Any
 
 from common.config import ConfigError
-from common.config_sections import ESTIMATOR_HPARAMS, AlgorithmConfig
+from common.config_sections import CRITIC_FIELDS, ESTIMATOR_HPARAMS, AlgorithmConfig
 from learner.credit import ESTIMATORS, get_estimator
+from learner.credit_critic import VALUE_TARGETS
 
 
 def estimator_hparams(algorithm: dict[str, Any]) -> dict[str, Any]:
@@ -45,3 +46,9 @@ def check_estimator_config(algorithm: AlgorithmConfig, where: str = "algorithm")
             takers = sorted(e for e, fn in ESTIMATORS.items() if name in inspect.signature(fn).parameters)
             raise ConfigError(f"config field `{where}.{name}` = {value!r}: estimator {algorithm.advantage!r} does "
                               f"not take it (it applies to {', '.join(takers)})")
+    if algorithm.advantage not in VALUE_TARGETS:
+        for name in CRITIC_FIELDS:
+            value = getattr(algorithm, name)
+            if value != getattr(defaults, name):
+                raise ConfigError(f"config field `{where}.{name}` = {value!r}: estimator {algorithm.advantage!r} "
+                                  f"trains no critic (it applies to {', '.join(sorted(VALUE_TARGETS))})")

@@ -176,6 +176,12 @@ def generation_metrics(result: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def curve_point_due(every_steps: int, extra_steps: list[int], step: int, last: int) -> bool:
+    """Whether the held-out curve has a point after training step ``step`` of ``last``: every
+    ``eval.every_steps`` steps, at the last step, and at ``eval.extra_steps`` (0 every_steps: never)."""
+    return bool(every_steps) and (step % every_steps == 0 or step == last or step in extra_steps)
+
+
 def eval_metrics(summary: dict[str, float]) -> dict[str, float]:
     """A held-out evaluation's summary (:func:`summarize_episodes`) as ``eval/*`` step metrics."""
     names = {"exact_match": M.EVAL_EXACT_MATCH, "tool_success": M.EVAL_TOOL_SUCCESS,

@@ -25,6 +25,8 @@ from common.modeling import load_model, load_tokenizer
 from learner.batch import EpisodeBatch, assemble
 from learner.checkpoint import load_engine, save_engine
 from learner.credit import ESTIMATORS, broadcast_to_tokens
+from learner.credit_critic import VALUE_TARGETS
+from learner.critic import Critic, explained_variance
 from learner.estimator_config import estimator_hparams
 from learner.losses import behaviour_weights, entropy_from_logits, kl_penalty, policy_loss, token_logprobs
 from learner.packed_forward import PackedForward, PrefixTree
@@ -32,8 +34,10 @@ from learner.packed_forward import PackedForward, PrefixTree
 log = logging.getLogger(__name__)
 
 
-def compute_turn_advantages(batch: EpisodeBatch, estimator: str, hparams: dict[str, Any]) -> torch.Tensor:
-    """Per-turn advantages float[B, K]; ``hparams`` must be keyword arguments the estimator takes."""
+def compute_turn_advantages(batch: EpisodeBatch, estimator: str, hparams: dict[str, Any],
+                            values: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-turn advantages float[B, K]; ``hparams`` must be keyword arguments the estimator takes; ``values``
+    float[B, K] the critic's, for the estimators that take them (``learner.credit_critic``)."""
     fn = ESTIMATORS[estimator]
     accepted = inspect.signature(fn).parameters
     unknown = sorted(set(hparams) - set(accepted))
@@ -42,6 +46,10 @@ def compute_turn_advantages(batch: EpisodeBatch, estimator: str, hparams: dict[s
     kwargs = dict(hparams)
     if "state_ids" in accepted:
         kwargs["state_ids"] = batch.state_ids
+    if "values" in accepted:
+        if values is None:
+            raise ValueError(f"estimator {estimator!r} needs the critic's values")
+        kwargs["values"] = values
     return fn(batch.turn_rewards, batch.outcome_rewards, batch.turn_mask, batch.group_ids, **kwargs)
 
 
@@ -131,6 +139,12 @@ class LearnerWorker:
         if algorithm["kl_coef"] > 0:
             self.ref = load_model(algorithm.get("ref_model_path") or model_path).to(self.engine.device).eval()
             self.ref.requires_grad_(False)
+        self.critic = None  # mt_ppo / ppo: the value model, its own engine (learner/critic.py)
+        if algorithm["advantage"] in VALUE_TARGETS:
+            self.critic = Critic(algorithm.get("critic_model_path") or model_path,
+                                 deepspeed_config({**learner, "lr": algorithm["critic_lr"], "warmup_steps": 0},
+                                                  self.micro, grad_accum, world_size),
+                                 value_clip=algorithm["critic_value_clip"])
         self.tokens_processed = 0.0  # tokens the last step's forwards ran over (perf/learner/tokens)
         self._lr_factor = 1.0  # learning-rate factor of the current step (learner.lag_lr_scale ** batch lag)
 
@@ -145,7 +159,9 @@ class LearnerWorker:
         lag = max(0, self.version - int(batch.versions[batch.turn_mask].min()))  # the batch's oldest turn
         self._lr_factor = float(self.lcfg["lag_lr_scale"]) ** lag  # staleness-aware step (learner.lag_lr_scale)
         self._stepped_lr = float(self.engine.get_lr()[0])
-        turn_adv = compute_turn_advantages(batch, self.acfg["advantage"], estimator_hparams(self.acfg))  # [B, K]
+        hparams = estimator_hparams(self.acfg)
+        values = self.critic.values(batch, self.micro) if self.critic is not None else None  # [B, K] V(s_k)
+        turn_adv = compute_turn_advantages(batch, self.acfg["advantage"], hparams, values)  # [B, K]
         token_adv = broadcast_to_tokens(turn_adv, batch.token_turn, batch.action_mask)  # [B, T]
         token_adv = token_adv * batch.staleness_weights[:, None]  # [B, T] stale groups count less (queue "reweight")
         masked = batch.truncated if self.acfg["mask_truncated"] else torch.zeros_like(batch.truncated)  # [B]
@@ -172,6 +188,7 @@ class LearnerWorker:
                 n_micro += 1
             for _ in range(n_micro, self.grad_accum):  # keep DeepSpeed's boundary in step with ours
                 self._engine_step()
+        critic_stats = self._critic_step(batch, mine, idx, values, hparams) if self.critic is not None else {}
         self.steps += 1
         self.version += 1
         out = self._global_diags(diags)  # whole-batch values, the same for any number of ranks
@@ -187,6 +204,7 @@ class LearnerWorker:
             M.LEARNER_TOKENS: self.tokens_processed / self.acfg["ppo_epochs"],
             M.LEARNER_UNIQUE_TOKENS: float(distinct_tokens(mine)),
         }
+        stats.update(critic_stats)
         for k in range(turn_adv.shape[1]):
             present = batch.turn_mask[:, k]
             if present.any():
@@ -194,6 +212,19 @@ class LearnerWorker:
                 stats[M.ADV_TURN_MEAN.format(k=k)] = float(vals.mean())
                 stats[M.ADV_TURN_STD.format(k=k)] = float(vals.std(unbiased=False))
         return stats
+
+    def _critic_step(self, batch: EpisodeBatch, mine: EpisodeBatch, idx: torch.Tensor, values: torch.Tensor,
+                     hparams: dict[str, Any]) -> dict[str, float]:
+        """Regress the critic on this step's targets R = A + V (before whitening); its metrics."""
+        returns = VALUE_TARGETS[self.acfg["advantage"]](batch.turn_rewards, batch.outcome_rewards, batch.turn_mask,
+                                                         batch.group_ids, values=values, **hparams)  # [B, K]
+        out = self.critic.update(mine, values[idx], returns[idx], micro=self.micro, epochs=self.acfg["ppo_epochs"],
+                                 grad_accum=self.grad_accum, norm_turns=float(batch.turn_mask.sum()) / self.world)
+        present = batch.turn_mask
+        return {M.CRITIC_VALUE_LOSS: out["value_loss"], M.CRITIC_CLIP_FRAC: out["value_clip_frac"],
+                M.CRITIC_VALUE_MEAN: float(values[present].mean()) if present.any() else 0.0,
+                M.CRITIC_RETURN_MEAN: float(returns[present].mean()) if present.any() else 0.0,
+                M.CRITIC_EXPLAINED_VARIANCE: explained_variance(values, returns, present)}
 
     def _action_logits(self, mb: EpisodeBatch, module=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits only where the next token is an action token (the LM head dominates small models).
@@ -444,12 +475,16 @@ class LearnerWorker:
         """DeepSpeed checkpoint of this rank into ``directory`` (every rank must call it) plus its RNG."""
 
         save_engine(self.engine, directory, self.rank, {**client_state, "learner_steps": self.steps})
+        if self.critic is not None:
+            self.critic.save(os.path.join(directory, "critic"), self.rank)
         return directory
 
     def load_checkpoint(self, directory: str) -> dict[str, Any]:
         """Restore weights, optimizer, LR schedule, RNG and version (every rank); returns the client state."""
 
         client = load_engine(self.engine, directory, self.rank)
+        if self.critic is not None:
+            self.critic.load(os.path.join(directory, "critic"), self.rank)
         self.version = int(client.get("version", self.version))
         self.steps = int(client.get("learner_steps", self.steps))
         return client

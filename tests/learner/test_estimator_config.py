@@ -30,9 +30,31 @@ def test_estimators_get_exactly_the_hyperparameters_they_take(estimator):
     accepted = set(inspect.signature(ESTIMATORS[estimator]).parameters)
     given = estimator_hparams(vars(cfg.algorithm))
     assert set(given) == accepted & set(C.ESTIMATOR_HPARAMS)
-    assert set(accepted) - {"turn_rewards", "outcome_rewards", "turn_mask", "group_ids", "state_ids"} <= set(
+    assert set(accepted) - {"turn_rewards", "outcome_rewards", "turn_mask", "group_ids", "state_ids", "values"} <= set(
         C.ESTIMATOR_HPARAMS), "an estimator keyword the config cannot set"
     for name in set(C.ESTIMATOR_HPARAMS) - accepted:  # a value the estimator would never see is refused
-        value = "false" if name == "scale_by_std" else "0.5"
+        value = "false" if name in ("scale_by_std", "whiten") else "0.5"
         with pytest.raises(ConfigError, match=rf"`algorithm.{name}`.*does not take it"):
             _load(f"algorithm.advantage={estimator}", f"algorithm.{name}={value}")
+
+
+@pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
+def test_critic_settings_are_refused_where_no_critic_is_trained(estimator):
+    from learner.credit_critic import VALUE_TARGETS
+
+    for override in ("algorithm.critic_lr=0.01", "algorithm.critic_value_clip=null",
+                     "algorithm.critic_model_path=/some/critic"):
+        if estimator in VALUE_TARGETS:
+            _load(f"algorithm.advantage={estimator}", override)
+        else:
+            with pytest.raises(ConfigError, match=r"trains no critic \(it applies to mt_ppo, ppo\)"):
+                _load(f"algorithm.advantage={estimator}", override)
+
+
+@pytest.mark.parametrize("override,rule", [("algorithm.lam=1.5", "must be in [0, 1]"),
+                                           ("algorithm.critic_lr=0", "must be > 0"),
+                                           ("algorithm.critic_value_clip=-1", "must be > 0, or null")])
+def test_critic_values_out_of_range_name_the_field(override, rule):
+    with pytest.raises(ConfigError) as e:
+        _load("algorithm.advantage=mt_ppo", override)
+    assert f"`{override.split('=')[0]}`" in str(e.value) and rule in str(e.value), str(e.value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from common.config import ConfigError, load_config
-from learner.evaluation import eval_metrics, multi_hop_summary, summarize_episodes
+from learner.evaluation import curve_point_due, eval_metrics, multi_hop_summary, summarize_episodes
 from tests.learner.test_experiment import BASE
 
 
@@ -39,8 +39,8 @@ def test_multi_hop_summary_is_empty_without_multi_hop_questions_and_rejects_a_mi
 
 def test_eval_curve_points_every_k_steps_at_the_last_and_at_the_extra_steps():
     ev = load_config(BASE, ["eval.every_steps=5", "eval.extra_steps=[1, 2]"]).eval
-    assert [s for s in range(1, 13) if ev.due(s, last=12)] == [1, 2, 5, 10, 12]
-    assert not any(load_config(BASE).eval.due(s, last=12) for s in range(1, 13))  # every_steps 0: before/after only
+    assert [s for s in range(1, 13) if curve_point_due(ev.every_steps, ev.extra_steps, s, 12)] == [1, 2, 5, 10, 12]
+    assert not any(curve_point_due(0, [], s, 12) for s in range(1, 13))  # every_steps 0: before/after only
 
 
 @pytest.mark.parametrize("overrides,rule", [
