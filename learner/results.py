@@ -218,6 +218,7 @@ def wall_time_line(state: dict[str, Any], records: list[dict[str, Any]], cpus: i
             f"(per-run `wall_time_s`), on a machine with {cpus} CPU core(s).")
 
 
+EXTRA_PAIRS = (("mt_ppo", "ppo"),)  # paired besides every estimator against MT-GRPO: turn rewards under a critic
 HELD_OUT_TARGET = ("answer_in_result", 0.8)  # steps-to-target: the first held-out evaluation reaching it
 
 
@@ -280,7 +281,9 @@ def held_out_section(records: list[dict[str, Any]], order: dict[str, list[str]])
             lines.append(f"| {est} | {ci(em)} | {ci(area)} | {reach} | {len(seeds)} |")
         lines.append("")
         ref = next((e for e in ("mt_grpo", "mt_grpo_k") if e in figures), None)
-        for est in [e for e in figures if ref and e != ref]:
+        pairs = [(ref, e) for e in figures if ref and e != ref]
+        pairs += [(a, b) for a, b in EXTRA_PAIRS if a in figures and b in figures]
+        for ref, est in pairs:
             for name, label in (("area", f"area under {key}"), ("em", "final exact match")):
                 d = paired_difference(figures[ref][name], figures[est][name])
                 verdict = {"a better": f"{ref} higher", "b better": f"{est} higher"}.get(d["verdict"], d["verdict"])

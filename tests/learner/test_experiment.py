@@ -141,9 +141,10 @@ def test_shipped_experiment_config(tmp_path):
     uncommented = [ln for ln in path.read_text().splitlines() if re.match(r"^\s*[A-Za-z_.]+:", ln) and "#" not in ln]
     assert not uncommented, f"keys without a comment: {uncommented}"
     exp = load_experiment(path)
-    assert exp.tasks["two_turn"].estimators == ["grpo_or", "grpo_mr", "mt_grpo", "mt_grpo_l02", "gigpo"]
+    assert exp.tasks["two_turn"].estimators == ["grpo_or", "grpo_mr", "mt_grpo", "mt_grpo_l02", "gigpo", "mt_ppo",
+                                                "ppo"]
     assert exp.variants["mt_grpo_l02"].overrides == {"algorithm.outcome_coef": 0.2}  # the seed's lambda
-    assert exp.tasks["multi_hop"].estimators == ["grpo_or", "grpo_mr", "mt_grpo_k", "gigpo"]
+    assert exp.tasks["multi_hop"].estimators == ["grpo_or", "grpo_mr", "mt_grpo_k", "gigpo", "mt_ppo"]
     assert len(exp.seeds) >= 3
     runs = expand_grid(exp, out_dir=tmp_path)
     cfgs = [load_config(exp.base_config, list(r.overrides)) for r in runs]  # every run's config is valid
