@@ -346,7 +346,7 @@ class LearnerConfig:
     bucket_mb: int = 64  # weight-push bucket size in MiB
     weight_sync: str = "auto"  # how weights reach the generators: object_store (Ray, any hardware) | broadcast (torch.distributed from rank 0: NCCL when learner and generators have GPUs, else gloo) | auto (broadcast on GPUs, object_store otherwise)
     recompute_old_logprobs: bool = False  # PPO ratio against the learner's own log-probs of the sampled tokens at the start of the update (taken in the first epoch's forward: no extra pass) instead of the generator's; implied by algorithm.off_policy tis/decoupled
-    prefix_sharing: bool = True  # forward each distinct prefix of a micro-batch once (prompts shared by a group, repeated turns): exact, Qwen2/Llama policies, zero_stage <= 2; false: one padded row per episode
+    prefix_sharing: bool = True  # forward each distinct prefix of a micro-batch once (prompts shared by a group, repeated turns), in the policy's loss and the critic's (mt_ppo, ppo): exact, Qwen2/Llama policies, zero_stage <= 2; false: one padded row per episode
     cpu_shm_allreduce: bool = False  # CPU only: build DeepSpeed's shared-memory all-reduce op (a 35-60 s C++ JIT compile on first use); off = plain gloo collectives
 
     def validate(self, p: str) -> None:

@@ -22,6 +22,7 @@ from torch import nn
 
 from common.modeling import load_model
 from learner.batch import EpisodeBatch
+from learner.packed_forward import PackedForward, PrefixTree
 from learner.credit_critic import value_loss
 
 
@@ -41,37 +42,56 @@ def turn_start_positions(token_turn: torch.Tensor, turn_mask: torch.Tensor) -> t
 
 
 class ValueModel(nn.Module):
-    """Decoder + scalar head: ``forward(input_ids, attention_mask) -> float[B, T]`` values at every position."""
+    """Causal LM's decoder + scalar head: ``forward(input_ids, attention_mask) -> float[B, T]`` values at every
+    position. The LM is kept whole (its LM head is unused) so the shared-prefix forward can read it as it reads
+    the policy."""
 
-    def __init__(self, decoder: nn.Module, hidden_size: int):
+    def __init__(self, lm: nn.Module):
         super().__init__()
-        self.decoder = decoder
-        self.head = nn.Linear(hidden_size, 1)
+        self.lm = lm
+        self.head = nn.Linear(lm.config.hidden_size, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return self.head(hidden).squeeze(-1)  # [B, T]
 
 
 class Critic:
     """The value model's DeepSpeed engine on one learner rank (built by ``LearnerWorker``)."""
 
-    def __init__(self, model_path: str, ds_config: dict[str, Any], *, value_clip: float | None):
+    def __init__(self, model_path: str, ds_config: dict[str, Any], *, value_clip: float | None,
+                 prefix_sharing: bool = False):
         import deepspeed
 
-        policy = load_model(model_path)
-        module = ValueModel(policy.get_decoder(), policy.config.hidden_size)
-        self.engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=list(module.parameters()),
-                                                    config=ds_config)
+        lm = load_model(model_path)
+        lm.config.use_cache = False
+        module = ValueModel(lm)
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=ds_config)
         self.value_clip = value_clip
+        # learner.prefix_sharing: each distinct prefix once, through the policy's shared-prefix forward
+        self.packed = PackedForward.build(lm) if prefix_sharing else None
 
     def _turn_values(self, mb: EpisodeBatch) -> torch.Tensor:
+        """float[b, K] V at the turn starts (0 where absent), with gradient."""
         device = self.engine.device
-        values = self.engine(mb.input_ids.to(device), mb.attention_mask.to(device))  # [b, T]
         pos = turn_start_positions(mb.token_turn, mb.turn_mask).to(device)  # [b, K]
-        return torch.where(mb.turn_mask.to(device), values.gather(1, pos), torch.zeros_like(pos, dtype=values.dtype))
+        present = mb.turn_mask.to(device)
+        if self.packed is None:
+            values = self.engine(mb.input_ids.to(device), mb.attention_mask.to(device)).gather(1, pos)  # [b, K]
+        else:
+            lengths = mb.attention_mask.sum(dim=1).tolist()
+            tree = PrefixTree.build([mb.input_ids[b, :n].tolist() for b, n in enumerate(lengths)])
+            width = mb.input_ids.shape[1]
+            path = torch.zeros(len(lengths), width, dtype=torch.long)
+            path[:, : tree.path.shape[1]] = tree.path[:, :width]
+            nodes = path.to(device).gather(1, pos)  # [b, K] the tree node at each value position
+            uniq, inverse = torch.unique(nodes, return_inverse=True)  # the head once per node
+            hidden = self.packed.hidden(self.engine.module.lm, tree)  # [nodes, H]
+            values = self.engine.module.head(hidden[uniq]).squeeze(-1)[inverse]  # [b, K]
+        return torch.where(present, values, torch.zeros_like(values))
 
     @torch.no_grad()
     def values(self, batch: EpisodeBatch, micro: int) -> torch.Tensor:

@@ -144,7 +144,8 @@ class LearnerWorker:
             self.critic = Critic(algorithm.get("critic_model_path") or model_path,
                                  deepspeed_config({**learner, "lr": algorithm["critic_lr"], "warmup_steps": 0},
                                                   self.micro, grad_accum, world_size),
-                                 value_clip=algorithm["critic_value_clip"])
+                                 value_clip=algorithm["critic_value_clip"],
+                                 prefix_sharing=bool(learner.get("prefix_sharing", False)))
         self.tokens_processed = 0.0  # tokens the last step's forwards ran over (perf/learner/tokens)
         self._lr_factor = 1.0  # learning-rate factor of the current step (learner.lag_lr_scale ** batch lag)
 

@@ -243,3 +243,19 @@ def test_prefix_sharing_equals_the_padded_forward(setup):
                 for c in (S.CONTEXT_TOKEN_IDS, S.ACTION_TOKEN_IDS, S.OBSERVATION_TOKEN_IDS))
             for e in range(GROUPS * G)]
     assert unique < sum(rows)  # the prompts (and two first turns per group) were computed once
+
+
+def test_the_critic_through_the_shared_prefix_forward_equals_the_padded_one(setup):
+    """mt_ppo with learner.prefix_sharing: the critic's values and regression run over distinct prefixes, and
+    two steps (the second reading the first's critic update) equal the padded forward's."""
+    ray, model_dir, _, _ = setup
+    from common.modeling import load_tokenizer
+
+    table = _table(len(load_tokenizer(model_dir)), shared=True)
+    extra = ("algorithm.advantage=mt_ppo", "algorithm.critic_lr=0.01")
+    packed = _train(ray, model_dir, table, world=1, zero_stage=0, prefix_sharing=True, extra=extra, steps=2)
+    padded = _train(ray, model_dir, table, world=1, zero_stage=0, prefix_sharing=False, extra=extra, steps=2)
+    assert padded["stats"][M.CRITIC_VALUE_MEAN] != 0.0
+    for key in (M.CRITIC_VALUE_MEAN, M.CRITIC_RETURN_MEAN, M.CRITIC_VALUE_LOSS, M.CRITIC_EXPLAINED_VARIANCE):
+        assert packed["stats"][key] == pytest.approx(padded["stats"][key], rel=1e-4, abs=1e-6), key
+    _assert_same_update(packed, padded, load_file(str(model_dir / "model.safetensors")))
