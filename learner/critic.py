@@ -10,7 +10,9 @@ Values sit at turn boundaries: ``V_{b,k}`` is read from the hidden state of the 
 k's first action token (the end of the prompt or of the previous observation), i.e. the state the turn
 acts in. One step: values of the whole batch without gradient (every rank, for the estimator), then
 ``ppo_epochs`` passes of the clipped value loss (``learner.credit_critic.value_loss``) over this rank's shard,
-DeepSpeed all-reducing the critic's gradients across ranks.
+DeepSpeed all-reducing the critic's gradients across ranks. With ``learner.prefix_sharing`` both run
+through the policy's shared-prefix forward (``learner.packed_forward``): each distinct prefix of a
+micro-batch once, the head only at the value positions; equal to the padded forward.
 """
 
 from __future__ import annotations
