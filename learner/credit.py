@@ -32,14 +32,13 @@ This module never imports Ray and takes no config objects: hyperparameters are k
 from __future__ import annotations
 
 import logging
-from typing import Callable
 
 import torch
 from torch import Tensor
 
+from learner.credit_critic import mt_ppo, ppo  # registers the critic-based estimators too
 from learner.credit_ops import (ESTIMATORS, _check_inputs, _masked, broadcast_to_tokens, get_estimator, group_normalize,
                                 register_estimator, segment_normalize)
-from learner.credit_critic import mt_ppo, ppo  # registers the critic-based estimators too
 
 logger = logging.getLogger(__name__)
 
@@ -362,4 +361,3 @@ def gigpo(
         step_adv[bi, ki] = segment_normalize(returns[bi, ki], seg, eps, scale_by_std)  # [N]
     adv = ep_adv[:, None] + step_coef * step_adv  # [B, K]
     return _masked(adv, mask)  # [B, K]
-

@@ -24,8 +24,8 @@ from torch import nn
 
 from common.modeling import load_model
 from learner.batch import EpisodeBatch
-from learner.packed_forward import PackedForward, PrefixTree
 from learner.credit_critic import value_loss
+from learner.packed_forward import PackedForward, PrefixTree
 
 
 def turn_start_positions(token_turn: torch.Tensor, turn_mask: torch.Tensor) -> torch.Tensor:
@@ -84,12 +84,8 @@ class Critic:
         if self.packed is None:
             values = self.engine(mb.input_ids.to(device), mb.attention_mask.to(device)).gather(1, pos)  # [b, K]
         else:
-            lengths = mb.attention_mask.sum(dim=1).tolist()
-            tree = PrefixTree.build([mb.input_ids[b, :n].tolist() for b, n in enumerate(lengths)])
-            width = mb.input_ids.shape[1]
-            path = torch.zeros(len(lengths), width, dtype=torch.long)
-            path[:, : tree.path.shape[1]] = tree.path[:, :width]
-            nodes = path.to(device).gather(1, pos)  # [b, K] the tree node at each value position
+            tree = PrefixTree.of_padded(mb.input_ids, mb.attention_mask)
+            nodes = tree.padded_path(mb.input_ids.shape[1]).to(device).gather(1, pos)  # [b, K] node of each V
             uniq, inverse = torch.unique(nodes, return_inverse=True)  # the head once per node
             hidden = self.packed.hidden(self.engine.module.lm, tree)  # [nodes, H]
             values = self.engine.module.head(hidden[uniq]).squeeze(-1)[inverse]  # [b, K]

@@ -87,6 +87,18 @@ class PrefixTree:
                    torch.tensor([len(p) for p in paths], dtype=torch.long), torch.tensor(owned, dtype=torch.long),
                    torch.tensor(offset, dtype=torch.long))
 
+    @classmethod
+    def of_padded(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> "PrefixTree":
+        """The tree of a right-padded batch: row b's first ``attention_mask[b].sum()`` tokens."""
+        lengths = attention_mask.sum(dim=1).tolist()
+        return cls.build([input_ids[b, :n].tolist() for b, n in enumerate(lengths)])
+
+    def padded_path(self, width: int) -> torch.Tensor:
+        """long[B, width]: the node of every position of the padded batch (0 past a row's end)."""
+        path = torch.zeros(self.path.shape[0], width, dtype=torch.long)
+        path[:, : self.path.shape[1]] = self.path[:, :width]
+        return path
+
     @property
     def num_nodes(self) -> int:
         return int(self.tokens.numel())

@@ -56,8 +56,7 @@ def compute_turn_advantages(batch: EpisodeBatch, estimator: str, hparams: dict[s
 def distinct_tokens(batch: EpisodeBatch) -> int:
     """Distinct (prefix, token) positions of a batch's sequences: the nodes of their prefix tree."""
 
-    lengths = batch.attention_mask.sum(dim=1).tolist()
-    return PrefixTree.build([batch.input_ids[b, :n].tolist() for b, n in enumerate(lengths)]).num_nodes
+    return PrefixTree.of_padded(batch.input_ids, batch.attention_mask).num_nodes
 
 
 def _skip_cpu_shm_op() -> None:
@@ -255,13 +254,10 @@ class LearnerWorker:
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``_action_logits`` through the shared-prefix forward: each distinct prefix once, logits once per node."""
 
-        lengths = mb.attention_mask.sum(dim=1).tolist()
-        tree = PrefixTree.build([mb.input_ids[b, :n].tolist() for b, n in enumerate(lengths)])
+        tree = PrefixTree.of_padded(mb.input_ids, mb.attention_mask)
         if count:
             self.tokens_processed += float(tree.num_nodes)
-        width = mb.input_ids.shape[1]
-        path = torch.zeros(len(lengths), width, dtype=torch.long)
-        path[:, : tree.path.shape[1]] = tree.path[:, :width]
+        path = tree.padded_path(mb.input_ids.shape[1])  # [b, T]
         nodes = path[:, :-1].to(mask.device)[mask]  # [N] node that predicts each action token
         uniq, inverse = torch.unique(nodes, return_inverse=True)  # logits once per node
         hidden = self._packed.hidden(module, tree)  # [nodes, H]
