@@ -34,7 +34,7 @@ from actors.kv_slots import SlotForwardCache
 from actors.lean_forward import LeanForward
 from actors.messages import GenerationOutput, Request, SamplingParams  # noqa: F401 - re-exported
 from actors.sampling import sample, split_seed
-from actors.scheduler import SessionScheduler
+from actors.scheduler import SessionScheduler, _Session
 from actors.weights import PackedBucket, apply_bucket
 from common.hashing import stable_seed
 
@@ -225,6 +225,40 @@ class HFEngine(SessionScheduler):
             raise KeyError(f"unknown session {session_id!r} (freed, or never started on this engine)")
         history = self._sessions[session_id].history
         return self.generate_turns([Request(session_id, history + list(observation_ids), params, **kw)])[0]
+
+    def fork(self, session_id: str, child_ids: Iterable[str], *, copy_kv: bool = False) -> int:
+        """Children that continue from session ``session_id``: its history, and its cached KV.
+
+        ``copy_kv=False`` (default): the children hold the *same* compact KV tensors as the parent (copy on
+        write: a session's cache is never written in place, admission copies it into a KV slot), so a fork
+        costs no memory traffic; ``copy_kv=True`` clones them. Each child's next turn prefills only the tokens
+        after the shared prefix, and children with identical next histories prefill those once (the prefill's
+        prefix sharing). The budget counts each child's cache in full (an upper bound when shared).
+
+        A parent that is unknown, running or holds no KV (evicted, stale weights) forks nothing: the children's
+        requests carry their full histories, so they are prefilled as new sessions. Returns the KV tokens
+        given to the children.
+        """
+        children = [c for c in child_ids if c != session_id]
+        parent = self._sessions.get(session_id) if self._session_ok else None
+        if parent is None or parent.running:
+            return 0
+        given = 0
+        for cid in children:
+            self.free([cid])
+            kv = parent.kv
+            if kv is not None and copy_kv:
+                kv = [(k.clone(), v.clone()) for k, v in kv]
+            child = self._sessions[cid] = _Session(list(parent.history), list(parent.tokens) if kv is not None else [], kv,
+                                                  parent.version)
+            if kv is not None:
+                self._cached_tokens += len(child.tokens)
+                given += len(child.tokens)
+        self._counters["forked_sessions"] += len(children)
+        self._counters["forked_tokens"] += given
+        if self._reserved + self._cached_tokens > self.kv_budget_tokens:
+            self._evict_for(0, None)
+        return given
 
     def history(self, session_id: str) -> list[int]:
         """All tokens of a session so far (prompt, actions, observations)."""

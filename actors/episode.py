@@ -40,6 +40,10 @@ class Episode:
     first_version: int = -1  # policy version of turn 0 (partial_rollouts: abort)
     aborts: int = 0  # restarts after a weight push mid-episode
     held: list = field(default_factory=list)  # rows kept until the episode ends (partial_rollouts: abort)
+    node: int = -1  # node id of the last closed turn on this episode's path (rollout.tree); -1 before turn 0
+    path_rows: list = field(default_factory=list)  # every row of this path so far (a tree's copies start from them)
+    active: bool = True  # False: a tree leaf not yet forked from its parent (it takes no turns until then)
+    spawns: list = field(default_factory=list)  # rollout.tree: (turn, child Episode) to fork from this one
 
     @property
     def key(self) -> str:
@@ -58,6 +62,19 @@ class Episode:
         """Throw this attempt away (``begin`` again follows); the next attempt has its own session and seeds."""
         self.aborts += 1
         self.turn, self.done, self.held, self.summary, self.first_version = 0, False, [], {}, -1
+        self.node, self.path_rows = -1, []
+
+    def fork(self, child: "Episode") -> list[dict]:
+        """``child`` continues from this episode's state (rollout.tree): same history, observations, env
+        worker and summary; the rows of the shared path are copied under the child's episode id (same node
+        ids) and returned, to be sent as the child's own. Its later turns draw its own seeds."""
+        child.messages, child.tokens, child.context = list(self.messages), list(self.tokens), list(self.context)
+        child.turn, child.state_hash, child.done = self.turn, self.state_hash, self.done
+        child.summary = {**self.summary, "episode_id": child.episode_id, "actions": list(self.actions())}
+        child.first_version, child.node, child.env_index = self.first_version, self.node, self.env_index
+        child.path_rows = [{**r, S.EPISODE_ID: child.episode_id} for r in self.path_rows]
+        child.active = True
+        return list(child.path_rows)
 
     def actions(self) -> list[str]:
         """The actions taken so far (to replay the episode on a restarted env worker)."""
@@ -114,7 +131,10 @@ class Episode:
             S.TOOL_SUCCESS: bool(info.get("tool_success", False)),
             S.RESULT_CONTAINS_ANSWER: bool(info.get("result_contains_answer", False)),
             S.GROUP_SIZE: self.group_size, S.T_START: t_start, S.T_END: t_end,
+            S.NODE_ID: S.node_id(self.episode_id, self.turn), S.PARENT_NODE_ID: self.node,
         }
+        self.node = row[S.NODE_ID]
+        self.path_rows.append(row)
         self._summarise(row, action, info)
         if self.turn == 0:
             self.first_version = out.version

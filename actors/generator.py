@@ -106,21 +106,29 @@ class Generator:
                  max_new_tokens: list[int] | None = None) -> list[GenerationOutput]:
         return self.engine.generate(prompts, params, max_new_tokens)
 
-    def generate_turns(self, requests: list[Request], release: list[str] | None = None) -> list[GenerationOutput]:
+    def generate_turns(self, requests: list[Request], release: list[str] | None = None,
+                       forks: list[tuple[str, list[str]]] | None = None) -> list[GenerationOutput]:
         """Run these turns to completion (continuous batching, KV reused across turns).
 
-        ``release``: sessions whose episodes ended; their caches are freed first.
+        ``release``: sessions whose episodes ended; their caches are freed first. ``forks``: (parent session,
+        child sessions) of tree rollouts, forked next (:meth:`HFEngine.fork`), before these turns run.
         """
-        if release:
-            self.engine.free(release)
+        self._housekeeping(release, forks)
         return self.engine.generate_turns(requests)
 
-    def submit(self, requests: list[Request], release: list[str] | None = None) -> str:
-        """Queue turns without waiting; returns this process's ``instance_id``."""
-        if release:
-            self.engine.free(release)
+    def submit(self, requests: list[Request], release: list[str] | None = None,
+               forks: list[tuple[str, list[str]]] | None = None) -> str:
+        """Queue turns without waiting (``release`` and ``forks`` as in :meth:`generate_turns`); returns this
+        process's ``instance_id``."""
+        self._housekeeping(release, forks)
         self.engine.submit(requests)
         return self._instance
+
+    def _housekeeping(self, release: list[str] | None, forks: list[tuple[str, list[str]]] | None) -> None:
+        if release:
+            self.engine.free(release)
+        for parent, children in forks or []:
+            self.engine.fork(parent, children)
 
     def poll(self, max_steps: int = 64) -> tuple[str, list[GenerationOutput]]:
         """Run scheduler steps until some turn finishes (or ``max_steps``); return (instance_id, finished)."""

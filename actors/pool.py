@@ -46,6 +46,7 @@ class GeneratorPool:
         self.tokens: dict[str, int] = {}  # session id -> history length (load accounting)
         self.load = [0] * len(self.generators)
         self._release: list[list[str]] = [[] for _ in self.generators]  # freed at the next call
+        self._forks: list[list[tuple[str, list[str]]]] = [[] for _ in self.generators]  # forked at the next call
         self.failures = 0  # calls that hit a dead actor and were replayed
         self.outstanding: list[dict[str, Request]] = [{} for _ in self.generators]  # streaming: request_id -> req
         self.instance: list[str | None] = [None] * len(self.generators)
@@ -86,6 +87,24 @@ class GeneratorPool:
             self.load[g] -= self.tokens.pop(sid, 0)
             self._release[g].append(sid)
 
+    def fork(self, parent: str, children: list[str]) -> None:
+        """Tree rollouts: ``children`` continue from session ``parent`` on its generator, sharing its KV
+        (piggybacked on the next call to that generator, before its turns). A parent this pool does not
+        place forks nothing: the children go wherever placement puts them and prefill their histories."""
+        g = self.owner.get(parent)
+        if g is None or not self.alive[g]:
+            return
+        for sid in children:
+            self.owner[sid] = g
+            self._account(sid, self.tokens.get(parent, 0))
+        self._forks[g].append((parent, list(children)))
+
+    def _housekeeping(self, g: int) -> tuple[list[str], list[tuple[str, list[str]]]]:
+        """The releases and forks waiting for generator ``g``'s next call (and forget them here)."""
+        release, self._release[g] = self._release[g], []
+        forks, self._forks[g] = self._forks[g], []
+        return release, forks
+
     def flush_releases(self) -> None:
         """Send pending frees now (fire and forget)."""
         for g, ids in enumerate(self._release):
@@ -111,8 +130,7 @@ class GeneratorPool:
         while pending:
             refs = {}
             for g, ks in pending.items():
-                release, self._release[g] = self._release[g], []
-                refs[g] = self.generators[g].generate_turns.remote([requests[k] for k in ks], release)
+                refs[g] = self.generators[g].generate_turns.remote([requests[k] for k in ks], *self._housekeeping(g))
             retry: dict[int, list[int]] = {}
             for g, ref in refs.items():
                 try:
@@ -164,8 +182,7 @@ class GeneratorPool:
         for g, reqs in by_gen.items():
             if self.instance[g] is None:  # learn the process we talk to, to notice restarts
                 self.instance[g] = self._instance_of(g)
-            release, self._release[g] = self._release[g], []
-            self.generators[g].submit.remote(reqs, release)
+            self.generators[g].submit.remote(reqs, *self._housekeeping(g))
 
     def busy(self) -> list[int]:
         """Generators with outstanding turns."""
@@ -204,7 +221,7 @@ class GeneratorPool:
         self.instance[g] = self._instance_of(g)
         reqs = list(self.outstanding[g].values())
         log.warning("generator %d restarted: replaying %d outstanding turns from their histories", g, len(reqs))
-        self._release[g] = []
+        self._release[g], self._forks[g] = [], []
         if reqs:
             self.generators[g].submit.remote(reqs, [])
 

@@ -65,7 +65,8 @@ class RolloutWorker:
     def __init__(self, model_path: str, generators: list, env_workers: list, queue=None, *,
                  run_id: str = "run", max_tokens_per_turn: int = 64, max_tokens_per_episode: int = 512,
                  streaming: bool = False, env_restart_wait_s: float = 120.0,
-                 partial_rollouts: str = "finish", max_aborts_per_episode: int = 2):
+                 partial_rollouts: str = "finish", max_aborts_per_episode: int = 2,
+                 tree_branch_turns: tuple[int, ...] = (), tree_children: int = 2):
         register_arrow_serializers()  # batches put into the queue travel as one Arrow IPC buffer
         self.tokenizer = load_tokenizer(model_path)
         self.generators = generators
@@ -78,6 +79,10 @@ class RolloutWorker:
         if partial_rollouts not in ("finish", "abort"):
             raise ValueError(f"partial_rollouts={partial_rollouts!r}: use 'finish' or 'abort'")
         self.partial_rollouts, self.max_aborts_per_episode = partial_rollouts, max_aborts_per_episode
+        self.tree_branch_turns, self.tree_children = tuple(sorted(set(tree_branch_turns))), int(tree_children)
+        if self.tree_branch_turns and (partial_rollouts != "finish" or min(self.tree_branch_turns) < 1
+                                       or self.tree_children < 2):
+            raise ValueError("tree rollouts need partial_rollouts='finish', branch turns >= 1 and >= 2 children")
         self._aborted = self._aborted_tokens = self._mixed = 0  # counts of the current run
         self._reused = self._prefilled = 0  # history tokens whose KV the generators reused / prefilled (this run)
         self.pool = GeneratorPool(generators)
@@ -102,8 +107,11 @@ class RolloutWorker:
         return e.example, e.actions()
 
     def run(self, examples: list[dict], *, group_size: int, first_group_id: int, first_episode_id: int,
-            params: SamplingParams, to_queue: bool = True) -> dict[str, Any]:
-        """Run ``group_size`` episodes of every example; return per-episode summaries and counts."""
+            params: SamplingParams, to_queue: bool = True, tree: bool = True) -> dict[str, Any]:
+        """Run ``group_size`` episodes of every example; return per-episode summaries and counts.
+
+        With tree branch turns configured and ``tree`` (evaluation passes False), the ``group_size`` episodes
+        of a question are the leaves of a tree (:meth:`_plant`)."""
         t0 = time.time()
         episodes: list[Episode] = []
         for q, ex in enumerate(examples):
@@ -111,11 +119,14 @@ class RolloutWorker:
                 eid = first_episode_id + q * group_size + g
                 episodes.append(Episode(eid, first_group_id + q, int(ex.get("prompt_id", first_group_id + q)),
                                         group_size, ex, eid % len(self.env_workers)))
+        if tree and self.tree_branch_turns:
+            for q in range(len(examples)):
+                self._plant(episodes[q * group_size:(q + 1) * group_size])
         self._by_id = {e.key: e for e in episodes}
         replayed_before = self.envs.replayed
-        self._aborted = self._aborted_tokens = self._mixed = 0
+        self._aborted = self._aborted_tokens = self._mixed = self._forked = 0
         self._reused = self._prefilled = 0
-        self._reset(episodes)
+        self._reset([e for e in episodes if e.active])
         self._runs += 1
         self._session_prefix = f"{self.run_id}/{self._instance}/{self._runs}"  # unique across workers and restarts
         schedule = self._run_streaming if self.streaming else self._run_turn_sync
@@ -132,19 +143,20 @@ class RolloutWorker:
             "mixed_version_episodes": self._mixed,  # episodes whose turns came from more than one version
             "reused_tokens": self._reused,  # history tokens of kept turns whose KV the generator reused
             "prefilled_tokens": self._prefilled,  # history tokens of kept turns it prefilled
+            "forked_episodes": self._forked,  # rollout.tree: leaves forked from a live parent mid-episode
         }
 
     # -- the two schedules --------------------------------------------------------------
     def _run_turn_sync(self, episodes: list[Episode], params: SamplingParams, to_queue: bool) -> tuple[int, int]:
         """Round after round: every live episode's turn, then every env step. Returns (rows sent, action tokens)."""
         rows_sent = action_tokens = 0
-        while live := [e for e in episodes if not e.done]:
+        while live := [e for e in episodes if e.active and not e.done]:
             t_start = time.time()
             outputs = self.pool.generate_turns([self._request(e, params) for e in live])
             items = [(e, o, self._decode(o)) for e, o in zip(live, outputs)]
             results = self._env_step(items)
-            rows, _ = self._end_turns(items, results, lambda e: t_start, time.time())
-            action_tokens += sum(len(r[S.ACTION_TOKEN_IDS]) for r in rows)
+            rows, generated, _ = self._end_turns(items, results, lambda e: t_start, time.time())
+            action_tokens += generated
             if to_queue and rows:
                 rows_sent += self._send(rows)
             self._kills.fire(self.env_workers, self.generators)
@@ -165,7 +177,7 @@ class RolloutWorker:
                 t_submit[e.episode_id] = time.time()
             pool.submit(reqs)
 
-        submit(episodes)
+        submit([e for e in episodes if e.active])
         polls: dict[Any, int] = {}  # poll ref -> generator
         envs: dict[Any, list[Item]] = {}  # env ref -> its items
         pending_rows: list[dict] = []
@@ -189,11 +201,13 @@ class RolloutWorker:
                     items = envs.pop(ref)
                     results = self.envs.finish_step(items[0][0].env_index, ref, *self._step_args(items),
                                                     self._history)
-                    rows, aborted = self._end_turns(items, results, lambda e: t_submit[e.episode_id], time.time())
-                    action_tokens += sum(len(r[S.ACTION_TOKEN_IDS]) for r in rows)
+                    rows, generated, forked = self._end_turns(items, results, lambda e: t_submit[e.episode_id],
+                                                              time.time())
+                    action_tokens += generated
                     pending_rows += rows
-                    remaining -= sum(1 for e, _, _ in items if e.done)
-                    submit([e for e, _, _ in items if not e.done])  # the restarted ones too
+                    remaining = sum(1 for e in episodes if not e.done)
+                    # the restarted ones too, and the leaves forked from these (rollout.tree)
+                    submit([e for e, _, _ in items if not e.done] + forked)
             flush = len(pending_rows) >= flush_at or not remaining
             if to_queue and pending_rows and flush:
                 rows_sent += self._send(pending_rows)
@@ -235,14 +249,16 @@ class RolloutWorker:
         return results
 
     def _end_turns(self, items: list[Item], results: list, t_start: Callable[[Episode], float],
-                   t_end: float) -> tuple[list[dict], list[Episode]]:
-        """Close the turns whose env steps came back: their rows to send now, and the episodes restarted.
+                   t_end: float) -> tuple[list[dict], int, list[Episode]]:
+        """Close the turns whose env steps came back. Returns the rows to send now (with the copies of the
+        forked leaves' shared turns), the action tokens these turns generated, and the tree leaves forked
+        from them that take turns of their own now (:meth:`_branch`).
 
         Episodes that ended are forgotten by their env workers and generators; an episode caught by a
         weight push mid-episode under ``partial_rollouts: abort`` starts again from its prompt.
         """
         rows: list[dict] = []
-        ended, aborted = [], []
+        ended, aborted, closed = [], [], []
         for (e, out, action), res in zip(items, results):
             if self._must_abort(e, out):
                 aborted.append(e)
@@ -252,8 +268,12 @@ class RolloutWorker:
             row = e.close_turn(out, action, res, tokenizer=self.tokenizer, run_id=self.run_id,
                                max_tokens_per_episode=self.max_tokens_per_episode, t_start=t_start(e), t_end=t_end)
             rows += self._rows_to_send(e, row)
+            closed.append(e)
             if e.done:
                 ended.append(e)
+        generated = sum(len(r[S.ACTION_TOKEN_IDS]) for r in rows)
+        forked, copies = self._branch(closed)
+        rows += copies
         self._forget(ended)
         if aborted:
             self._aborted += len(aborted)
@@ -262,7 +282,56 @@ class RolloutWorker:
             for e in aborted:
                 e.restart()
             self._reset(aborted)
-        return rows, aborted
+        return rows, generated, forked
+
+    # -- tree rollouts (rollout.tree) -------------------------------------------------------
+    def _plant(self, leaves: list[Episode]) -> None:
+        """Make one question's episodes the leaves of a tree: ``c = tree_children`` children at each branch
+        turn ``t_1 < ... < t_m``, so ``len(leaves) / c^m`` roots start from the prompt as independent episodes.
+
+        With block sizes ``B_j = c^(m-j)``, leaf ``g`` is a root when ``B_0`` divides it; otherwise it is forked
+        at turn ``t_j`` (the smallest ``j`` with ``B_j | g``) from leaf ``g - g mod B_(j-1)``, i.e. it shares the
+        path of that leaf up to turn ``t_j - 1`` and draws its own turns from ``t_j`` on.
+        """
+        c, turns = self.tree_children, self.tree_branch_turns
+        blocks = [c ** (len(turns) - j) for j in range(len(turns) + 1)]
+        if len(leaves) % blocks[0]:
+            raise ValueError(f"group_size {len(leaves)} is not a multiple of tree_children^len(branch_turns) = "
+                             f"{blocks[0]}")
+        for g, leaf in enumerate(leaves):
+            if g % blocks[0] == 0:
+                continue
+            j = next(j for j in range(1, len(blocks)) if g % blocks[j] == 0)
+            leaves[g - g % blocks[j - 1]].spawns.append((turns[j - 1], leaf))
+            leaf.active = False
+
+    def _branch(self, closed: list[Episode]) -> tuple[list[Episode], list[dict]]:
+        """Fork the tree leaves that are due from episodes whose turn just closed.
+
+        A leaf due at branch turn ``t`` forks when its parent reaches turn ``t``: env state, generator session
+        (KV shared, :meth:`HFEngine.fork`) and the rows of the shared path. If the parent ends before ``t``, all
+        its pending leaves (and theirs) are finished copies of its path. Returns (leaves that now take turns,
+        the rows copied for all forked leaves).
+        """
+        started: list[Episode] = []
+        copies: list[dict] = []
+        todo = [e for e in closed if e.spawns]
+        while todo:
+            e = todo.pop()
+            due = [c for t, c in e.spawns if e.done or t == e.turn]
+            if not due:
+                continue
+            e.spawns = [(t, c) for t, c in e.spawns if not (e.done or t == e.turn)]
+            for child in due:
+                copies += self._rows_to_send(child, None, e.fork(child))
+            if e.done:
+                todo += [c for c in due if c.spawns]
+                continue
+            self.env_workers[e.env_index].fork.remote(e.key, [c.key for c in due])
+            self.pool.fork(self._session_id(e), [self._session_id(c) for c in due])
+            self._forked += len(due)
+            started += due
+        return started, copies
 
     def _forget(self, episodes: list[Episode]) -> None:
         """Free these episodes on their env workers and their generator sessions (fire and forget)."""
@@ -289,10 +358,11 @@ class RolloutWorker:
             self._mixed += 1
         return False
 
-    def _rows_to_send(self, e: Episode, row: dict) -> list[dict]:
-        """``finish``: the row now. ``abort``: an episode's rows are held until its last turn, then all sent."""
+    def _rows_to_send(self, e: Episode, row: dict | None, copied: list[dict] | None = None) -> list[dict]:
+        """``finish``: the row now (or a forked leaf's ``copied`` rows). ``abort``: an episode's rows are held
+        until its last turn, then all sent (trees need ``finish``)."""
         if self.partial_rollouts == "finish":
-            return [row]
+            return [row] if row is not None else list(copied or [])
         e.held.append(row)
         if not e.done:
             return []

@@ -96,7 +96,8 @@ class SessionScheduler:
         self._tick = 0  # scheduler steps so far
         self.admit_wait_steps = 8
         self._counters = {"prefill_tokens": 0, "prefill_padded_tokens": 0, "reused_tokens": 0,
-                          "shared_prompt_rows": 0, "decode_steps": 0, "forwards": 0}
+                          "shared_prompt_rows": 0, "decode_steps": 0, "forwards": 0, "forked_sessions": 0,
+                          "forked_tokens": 0}
         self._rng = random.Random()
         self._tok_text: dict[int, str] = {}
 

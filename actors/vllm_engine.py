@@ -248,6 +248,18 @@ class VLLMEngine:
         for sid in session_ids:
             self._history.pop(sid, None)
 
+    def fork(self, session_id: str, child_ids: Iterable[str], *, copy_kv: bool = False) -> int:
+        """Children with the parent's history (rollout.tree). vLLM's automatic prefix caching keeps the
+        parent's KV blocks by content hash, so the children's next turns hit them and prefill only the new
+        tokens; ``copy_kv`` has nothing to copy here. Returns the history tokens given to the children."""
+        history = self._history.get(session_id)
+        if history is None:
+            return 0
+        children = [c for c in child_ids if c != session_id]
+        for cid in children:
+            self._history[cid] = list(history)
+        return len(history) * len(children)
+
     def session_stats(self) -> dict[str, int]:
         return {"sessions": len(self._history), "waiting": len(self._waiting), **self._counters}
 

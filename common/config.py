@@ -85,12 +85,36 @@ class Config:
                   f"with rollout.mode {self.rollout.mode}, rows can lag the learner by push_every - 1"
                   f"{' + 1' if ahead else ''} versions, more than queue.max_policy_lag = {self.queue.max_policy_lag}: "
                   "every such group would be dropped as stale; raise queue.max_policy_lag or lower push_every")
+        check_tree(self)
         if self.algorithm.off_policy != "none" and self.learner.recompute_old_logprobs:
             _fail("learner.recompute_old_logprobs", True, f"is implied by algorithm.off_policy = "
                   f"{self.algorithm.off_policy!r} (the ratio is always taken against the learner's own log-probs)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_tree(cfg: Config) -> None:
+    """Tree rollouts and the tree estimator go together; a tree must fit the group and the turns."""
+    tree, tree_est = cfg.rollout.tree, cfg.algorithm.advantage == "tree_grpo"
+    if not tree.branch_turns:
+        if tree_est:
+            _fail("algorithm.advantage", "tree_grpo", "needs tree rollouts: set rollout.tree.branch_turns (e.g. [1])")
+        return
+    if not tree_est:
+        _fail("rollout.tree.branch_turns", tree.branch_turns, f"tree rollouts are trained by algorithm.advantage "
+              f"tree_grpo (a shared turn is trained once, with its siblings' baseline), not "
+              f"{cfg.algorithm.advantage!r}")
+    if max(tree.branch_turns) >= cfg.env.max_turns:
+        _fail("rollout.tree.branch_turns", tree.branch_turns, f"must be below env.max_turns = {cfg.env.max_turns} "
+              "(an episode has no turn there to fork at)")
+    leaves = tree.children ** len(tree.branch_turns)
+    if cfg.algorithm.group_size % leaves:
+        _fail("algorithm.group_size", cfg.algorithm.group_size, f"must be a multiple of rollout.tree.children ^ "
+              f"len(rollout.tree.branch_turns) = {leaves} (the leaves of one root)")
+    if cfg.rollout.partial_rollouts != "finish":
+        _fail("rollout.partial_rollouts", cfg.rollout.partial_rollouts, "must be 'finish' with tree rollouts "
+              "(an aborted leaf would leave its tree)")
 
 
 def torch_threads(cfg: Config, cores: int | None = None) -> tuple[int, int]:

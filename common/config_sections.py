@@ -226,12 +226,28 @@ class QueueConfig:
 
 
 @dataclass
+class TreeConfig:
+    branch_turns: list[int] = field(default_factory=list)  # turn indices (>= 1) where each episode forks into `children` that share its prefix (KV, env state); []: independent episodes
+    children: int = 2  # children per fork; algorithm.group_size = leaves per question, so group_size / children^len(branch_turns) roots start from the prompt
+
+    def validate(self, p: str) -> None:
+        turns = list(self.branch_turns)
+        if any(t < 1 for t in turns) or turns != sorted(set(turns)):
+            _fail(f"{p}.branch_turns", turns, "must be distinct, increasing turn indices >= 1 (turn 0 is the group)")
+        if self.children < 2:
+            _fail(f"{p}.children", self.children, "must be >= 2")
+        if not turns and self.children != 2:
+            _fail(f"{p}.children", self.children, "applies to tree rollouts only: set rollout.tree.branch_turns")
+
+
+@dataclass
 class RolloutConfig:
     mode: str = "sync"  # sync: generate a step's groups, then train on them (on-policy); async: generation keeps running while the learner trains, bounded by queue.max_policy_lag
     max_restarts: int = 3  # Ray restarts of a dead rollout worker; its unfinished groups are aborted and their prompts run again under new ids (sync and async)
     get_timeout_s: float = 600.0  # async: the learner fails if no batch of complete groups arrives within this many seconds
     partial_rollouts: str = "finish"  # a weight push mid-episode: finish (its later turns run on the new weights, each turn keeps its version) | abort (the episode restarts from its prompt on the new weights; its rows reach the queue only once it ends)
     max_aborts_per_episode: int = 2  # abort: after this many restarts an episode finishes on mixed versions (counted), so frequent pushes cannot starve it
+    tree: TreeConfig = field(default_factory=TreeConfig)  # tree rollouts: fork episodes at branch turns (needs algorithm.advantage tree_grpo)
     num_workers: int = 1  # async: rollout-worker actors, so up to this many rollout calls (a step's prompts each) run at once within the lag budget; helps when env steps are slow (their waits overlap)
 
     def validate(self, p: str) -> None:

@@ -34,6 +34,11 @@ RESULT_CONTAINS_ANSWER = "result_contains_answer"
 GROUP_SIZE = "group_size"  # G, so the queue knows when a group is complete
 T_START = "t_start"  # unix seconds: generation of this turn began
 T_END = "t_end"  # unix seconds: the env answered
+# Tree rollouts (rollout.tree): a row is one node of a tree of turns. Leaves are the episodes; a turn
+# several leaves share (the common prefix before a branch) appears in each of their episodes under one
+# node id. Siblings (the children of one node, or a group's first turns) share (group_id, parent_node_id).
+NODE_ID = "node_id"  # node_id(episode that generated the turn, turn index); unique per generated turn
+PARENT_NODE_ID = "parent_node_id"  # node of the previous turn on this episode's path; -1 on turn 0
 # Not a transition column: the replay queue appends it to the tables it releases in "reweight"
 # mode (float32 per row, stale_decay ** (group lag - max_policy_lag), 1.0 within the bound);
 # the learner multiplies it into the group's token advantages.
@@ -66,20 +71,40 @@ TRANSITION_SCHEMA = pa.schema(
         pa.field(GROUP_SIZE, pa.int32()),
         pa.field(T_START, pa.float64()),
         pa.field(T_END, pa.float64()),
+        pa.field(NODE_ID, pa.int64()),
+        pa.field(PARENT_NODE_ID, pa.int64()),
     ]
 )
 
 COLUMNS = tuple(TRANSITION_SCHEMA.names)
+#: the tree columns, derived from (episode_id, turn_index) when a producer leaves them out (flat episodes)
+_DERIVED = (NODE_ID, PARENT_NODE_ID)
+#: node ids of one episode's turns: turn indices stay below this
+MAX_TURN_IDS = 4096
+
+
+def node_id(episode_id: int, turn: int) -> int:
+    """The id of the node that episode ``episode_id`` generated at ``turn`` (-1 for ``turn`` -1: no parent)."""
+    if turn < 0:
+        return -1
+    if turn >= MAX_TURN_IDS:
+        raise ValueError(f"turn index {turn} >= {MAX_TURN_IDS}: node ids cannot tell it apart")
+    return int(episode_id) * MAX_TURN_IDS + int(turn)
 
 
 def transitions_to_batch(rows: list[dict[str, Any]]) -> pa.RecordBatch:
-    """Build a RecordBatch from row dicts; every schema column must be present."""
-    missing = [c for c in COLUMNS if rows and c not in rows[0]]
+    """Build a RecordBatch from row dicts; every schema column must be present (the tree columns
+    default to a flat episode's: ``node_id(episode, turn)`` and its previous turn's)."""
+    missing = [c for c in COLUMNS if rows and c not in rows[0] and c not in _DERIVED]
     if missing:
         raise KeyError(f"transition rows lack columns {missing}")
     arrays = []
     for f in TRANSITION_SCHEMA:
-        values = [r[f.name] for r in rows]
+        if f.name in _DERIVED and rows and f.name not in rows[0]:
+            back = 0 if f.name == NODE_ID else 1
+            values = [node_id(r[EPISODE_ID], r[TURN_INDEX] - back) for r in rows]
+        else:
+            values = [r[f.name] for r in rows]
         if pa.types.is_map(f.type):
             values = [list(v.items()) for v in values]
         arrays.append(pa.array(values, type=f.type))

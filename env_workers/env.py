@@ -26,6 +26,8 @@ whichever budget ran out.
 
 from __future__ import annotations
 
+import copy
+
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -169,6 +171,15 @@ class WikiSearchEnv:
             {"role": "system", "content": self.system_prompt},
             {"role": "user", "content": question},
         ]
+
+    def clone(self) -> "WikiSearchEnv":
+        """An independent copy of this episode at its current turn (tree rollouts fork here); the index and
+        the settings are shared, the episode state is not."""
+        if self._pending is not None:
+            raise RuntimeError("clone() between prepare() and finish()")
+        twin = copy.copy(self)
+        twin._answers, twin._turns = list(self._answers), list(self._turns)
+        return twin
 
     def prepare(self, action_text: str, final: bool = False) -> str | None:
         """Parse ``action_text``; returns the search query to run, or ``None`` if no search.

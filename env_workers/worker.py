@@ -171,6 +171,18 @@ class EnvWorker:
             logger.exception("judge %s failed on %d items; scoring them 0", method, len(items))
             return [0.0] * len(items)
 
+    def fork(self, parent_id: str, child_ids: Sequence[str]) -> int:
+        """Tree rollouts: episodes ``child_ids`` continue from live episode ``parent_id`` (a copy of its state:
+        question, answers, actions so far). Returns how many were forked: 0 when the parent is not live here
+        (e.g. this worker restarted); the children's steps then come back ``unknown_episode`` and the rollout
+        worker's :class:`actors.env_client.EnvClient` replays them from their histories."""
+        env = self._episodes.get(parent_id)
+        if env is None:
+            return 0
+        for cid in child_ids:
+            self._episodes[cid] = env.clone()
+        return len(child_ids)
+
     def close(self, episode_ids: Sequence[str]) -> None:
         """Forget these episodes (unknown ids are ignored)."""
         for eid in episode_ids:

@@ -3,6 +3,10 @@
 The sequence of episode b is exactly the token ids the generator saw:
 ``context(turn 0) + action_0 + observation_0 + action_1 + ...``. Only action
 tokens carry loss; context and observation (env / template) tokens are masked.
+
+Tree rollouts (``rollout.tree``): an episode is a leaf, and a turn several leaves share is one node
+(``node_id``) in each of their episodes. Its tokens are context in every copy, and carry loss in one
+(the episode with the lowest id), so each node is trained once whatever the number of its leaves.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class EpisodeBatch:
     episode_ids: torch.Tensor  # long[B]
     staleness_weights: torch.Tensor  # float[B] staleness weight of the episode's group (queue "reweight"; else 1)
     truncated: torch.Tensor  # bool[B] the episode ran out of turns or tokens (its last row's ``truncated``)
+    node_ids: torch.Tensor  # long[B, K] tree node of turn k (shared by the leaves of a tree that share the turn)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -44,7 +49,7 @@ def assemble(table: pa.Table, pad_id: int) -> EpisodeBatch:
     cols = {name: table.column(name).to_pylist() for name in (
         S.EPISODE_ID, S.GROUP_ID, S.TURN_INDEX, S.POLICY_VERSION, S.CONTEXT_TOKEN_IDS, S.ACTION_TOKEN_IDS,
         S.ACTION_LOGPROBS, S.OBSERVATION_TOKEN_IDS, S.STATE_HASH, S.TURN_REWARD, S.OUTCOME_REWARD,
-        S.IS_LAST_TURN, S.TRUNCATED)}
+        S.IS_LAST_TURN, S.TRUNCATED, S.NODE_ID)}
     episodes: dict[int, list[int]] = {}
     for i, eid in enumerate(cols[S.EPISODE_ID]):
         episodes.setdefault(eid, []).append(i)
@@ -61,6 +66,8 @@ def assemble(table: pa.Table, pad_id: int) -> EpisodeBatch:
     stale_w = table.column(S.STALENESS_WEIGHT).to_pylist() if S.STALENESS_WEIGHT in table.schema.names else None
     weights = torch.ones(b)
     truncated = torch.zeros(b, dtype=torch.bool)
+    node_ids = torch.full((b, k_max), -1, dtype=torch.long)
+    trained: set[int] = set()  # nodes whose action tokens carry loss in an earlier episode (tree copies)
     for bi, eid in enumerate(order):
         rows = sorted(episodes[eid], key=lambda r: cols[S.TURN_INDEX][r])
         turn_idx = [cols[S.TURN_INDEX][r] for r in rows]
@@ -74,8 +81,11 @@ def assemble(table: pa.Table, pad_id: int) -> EpisodeBatch:
         lp = [0.0] * len(ids)
         for k, r in enumerate(rows):
             a = cols[S.ACTION_TOKEN_IDS][r]
+            node = cols[S.NODE_ID][r]
             ids += a
-            act += [1.0] * len(a)
+            act += [0.0 if node in trained else 1.0] * len(a)
+            trained.add(node)
+            node_ids[bi, k] = node
             trn += [k] * len(a)
             lp += [float(x) for x in cols[S.ACTION_LOGPROBS][r]]
             o = cols[S.OBSERVATION_TOKEN_IDS][r]
@@ -110,4 +120,5 @@ def assemble(table: pa.Table, pad_id: int) -> EpisodeBatch:
         token_turn[bi, :n] = torch.tensor(turns[bi])
         blp[bi, :n] = torch.tensor(lps[bi])
     return EpisodeBatch(input_ids, attn, action_mask, token_turn, blp, turn_rewards, outcome, turn_mask,
-                        group_ids, state_ids, versions, torch.tensor(order, dtype=torch.long), weights, truncated)
+                        group_ids, state_ids, versions, torch.tensor(order, dtype=torch.long), weights, truncated,
+                        node_ids)

@@ -25,6 +25,8 @@ Policy Optimization for LLM Agent Training", arXiv 2505.10978.
 
 Estimators that bootstrap from a learned critic (``mt_ppo``, ``ppo``: GAE over turns) live in
 :mod:`learner.credit_critic` and register here; they take the critic's ``values`` float[B, K] too.
+``tree_grpo`` (:mod:`learner.credit_tree`) normalises each turn among its siblings in a tree rollout;
+it takes the rows' ``node_ids`` long[B, K].
 
 This module never imports Ray and takes no config objects: hyperparameters are keyword args.
 """
@@ -37,6 +39,7 @@ import torch
 from torch import Tensor
 
 from learner.credit_critic import mt_ppo, ppo  # registers the critic-based estimators too
+from learner.credit_tree import tree_grpo  # and the tree estimator
 from learner.credit_ops import (ESTIMATORS, _check_inputs, _masked, broadcast_to_tokens, get_estimator, group_normalize,
                                 register_estimator, segment_normalize)
 
@@ -55,6 +58,7 @@ __all__ = [
     "gigpo",
     "mt_ppo",
     "ppo",
+    "tree_grpo",
 ]
 
 # --------------------------------------------------------------------------------------------

@@ -69,12 +69,13 @@ def generator_kwargs(cfg: Config) -> dict[str, Any]:
 
 def rollout_kwargs(cfg: Config) -> dict[str, Any]:
     """Keyword arguments of ``RolloutWorker`` from ``generation.*`` caps, ``generators.streaming``
-    and ``rollout.partial_rollouts / max_aborts_per_episode``."""
+    and ``rollout.partial_rollouts / max_aborts_per_episode / tree``."""
     return {
         "max_tokens_per_turn": cfg.generation.max_tokens_per_turn,
         "max_tokens_per_episode": cfg.generation.max_tokens_per_episode,
         "streaming": cfg.generators.streaming,
         "partial_rollouts": cfg.rollout.partial_rollouts, "max_aborts_per_episode": cfg.rollout.max_aborts_per_episode,
+        "tree_branch_turns": tuple(cfg.rollout.tree.branch_turns), "tree_children": cfg.rollout.tree.children,
     }
 
 
@@ -222,7 +223,7 @@ class Trainer:
 
         res = ray.get(self.rollout.run.remote(
             self.eval_questions, group_size=1, first_group_id=-(10**9), first_episode_id=-(10**9),
-            params=self.sampling(greedy=greedy, seed=self.cfg.run.seed + 99), to_queue=False))
+            params=self.sampling(greedy=greedy, seed=self.cfg.run.seed + 99), to_queue=False, tree=False))
         summary = summarize_episodes(res["episodes"])
         summary.update(multi_hop_summary(res["episodes"], self.eval_questions))  # {} without multi-hop questions
         log.info("eval %s: %s", label, {k: round(v, 3) for k, v in summary.items()})

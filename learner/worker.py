@@ -46,6 +46,8 @@ def compute_turn_advantages(batch: EpisodeBatch, estimator: str, hparams: dict[s
     kwargs = dict(hparams)
     if "state_ids" in accepted:
         kwargs["state_ids"] = batch.state_ids
+    if "node_ids" in accepted:
+        kwargs["node_ids"] = batch.node_ids
     if "values" in accepted:
         if values is None:
             raise ValueError(f"estimator {estimator!r} needs the critic's values")

@@ -14,6 +14,8 @@ from learner.estimator_config import check_estimator_config, estimator_hparams
 
 
 def _load(*overrides: str):
+    if "algorithm.advantage=tree_grpo" in overrides:  # the tree estimator needs tree rollouts
+        overrides += ("rollout.tree.branch_turns=[1]",)
     cfg = load_config(None, list(overrides))
     check_estimator_config(cfg.algorithm)
     return cfg
@@ -30,8 +32,8 @@ def test_estimators_get_exactly_the_hyperparameters_they_take(estimator):
     accepted = set(inspect.signature(ESTIMATORS[estimator]).parameters)
     given = estimator_hparams(vars(cfg.algorithm))
     assert set(given) == accepted & set(C.ESTIMATOR_HPARAMS)
-    assert set(accepted) - {"turn_rewards", "outcome_rewards", "turn_mask", "group_ids", "state_ids", "values"} <= set(
-        C.ESTIMATOR_HPARAMS), "an estimator keyword the config cannot set"
+    inputs = {"turn_rewards", "outcome_rewards", "turn_mask", "group_ids", "state_ids", "values", "node_ids"}
+    assert set(accepted) - inputs <= set(C.ESTIMATOR_HPARAMS), "an estimator keyword the config cannot set"
     for name in set(C.ESTIMATOR_HPARAMS) - accepted:  # a value the estimator would never see is refused
         value = "false" if name in ("scale_by_std", "whiten") else "0.5"
         with pytest.raises(ConfigError, match=rf"`algorithm.{name}`.*does not take it"):
