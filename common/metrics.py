@@ -29,6 +29,8 @@ ROLLOUT_FAILED_CALLS = "rollout/failed_calls/total"  # async mode
 ROLLOUT_ABORTED_EPISODES = "rollout/aborted_episodes/count"  # rollout.partial_rollouts: abort
 ROLLOUT_MIXED_VERSION_EPISODES = "rollout/mixed_version_episodes/count"
 ROLLOUT_KV_REUSE = "rollout/kv_reuse/fraction"  # history tokens served from the generators' KV caches / all history tokens
+ROLLOUT_FORKED_EPISODES = "rollout/forked_episodes/count"  # rollout.tree: leaves forked from a live parent
+ROLLOUT_GENERATED_TOKENS = "rollout/generated_tokens/total"  # action tokens sampled this step (a tree's shared turns once)
 # --- advantages ----------------------------------------------------------------
 ADV_TURN_MEAN = "train/advantage/turn{k}/mean"  # format with k = turn index
 ADV_TURN_STD = "train/advantage/turn{k}/std"
@@ -138,6 +140,8 @@ METRICS: dict[str, str] = {
     ROLLOUT_ABORTED_EPISODES: "Episode attempts of the step thrown away because a weight push landed mid-episode (partial_rollouts: abort)",
     ROLLOUT_MIXED_VERSION_EPISODES: "Episodes of the step whose turns came from more than one policy version",
     ROLLOUT_KV_REUSE: "Share of the turns' history tokens whose KV a generator reused instead of prefilling",
+    ROLLOUT_FORKED_EPISODES: "Tree leaves forked from a live parent episode at a branch turn (rollout.tree)",
+    ROLLOUT_GENERATED_TOKENS: "Action tokens sampled by the generators this step (a tree's shared turns count once)",
     LOSS: "Policy loss of the last step",
     KL: "Approximate KL between behaviour and current policy",
     CLIP_FRAC: "Fraction of action tokens whose ratio was clipped",

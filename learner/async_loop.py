@@ -62,7 +62,7 @@ def merge_rollouts(results: list[dict[str, Any]]) -> dict[str, Any]:
             "seconds": sum(r["seconds"] for r in results),
             **{k: sum(r.get(k, 0) for r in results)
                for k in ("aborted_episodes", "aborted_action_tokens", "mixed_version_episodes", "reused_tokens",
-                         "prefilled_tokens")}}
+                         "prefilled_tokens", "forked_episodes")}}
 
 
 @dataclass

@@ -54,8 +54,13 @@ def tree_values(turn_rewards: Tensor, outcome_rewards: Tensor, turn_mask: Tensor
     index[bi, ki] = node_of
     fb, fk = bi[first], ki[first]  # [N]
     parent = torch.where(fk > 0, index[fb, (fk - 1).clamp(min=0)], torch.full_like(fk, -1))  # [N]
-    last = (mask.sum(dim=1) - 1)[fb] == fk  # [N] the node ends its episode
+    ends = ((mask.sum(dim=1) - 1)[bi] == ki).long()  # [M] the turn ends its episode
+    last = torch.zeros(n, dtype=torch.long, device=ids.device).index_add_(0, node_of, ends)  # [N]
+    copies = torch.zeros(n, dtype=torch.long, device=ids.device).index_add_(0, node_of, torch.ones_like(ends))
     r = turn_rewards[fb, fk]  # [N]
+    if bool(((last > 0) & (last < copies)).any()) or not torch.equal(turn_rewards[bi, ki], r[node_of]):
+        raise ValueError("malformed tree: the copies of a node disagree (its reward, or whether it ends the episode)")
+    last = last > 0
     dtype = turn_rewards.dtype
     q = torch.zeros(n, dtype=dtype, device=r.device)
     for col in range(k - 1, -1, -1):  # children (column col + 1) are done before their parents
@@ -64,8 +69,6 @@ def tree_values(turn_rewards: Tensor, outcome_rewards: Tensor, turn_mask: Tensor
         total = torch.zeros(n, dtype=dtype, device=r.device).index_add_(0, parent[kids], q[kids])
         count = torch.zeros(n, dtype=dtype, device=r.device).index_add_(
             0, parent[kids], torch.ones_like(q[kids]))
-        if bool((here & ~last & (count == 0)).any()):
-            raise ValueError("malformed tree: a node that is not its episode's last turn has no child")
         later = gamma * total / count.clamp(min=1)
         q = torch.where(here, turn_coef * r + torch.where(last, outcome_rewards[fb].to(dtype), later), q)
     return q, node_of, parent, first

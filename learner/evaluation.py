@@ -173,6 +173,8 @@ def generation_metrics(result: dict[str, Any]) -> dict[str, float]:
         M.ROLLOUT_ABORTED_EPISODES: float(result.get("aborted_episodes", 0)),
         M.ROLLOUT_MIXED_VERSION_EPISODES: float(result.get("mixed_version_episodes", 0)),
         M.ROLLOUT_KV_REUSE: reused / max(1, reused + result.get("prefilled_tokens", 0)),
+        M.ROLLOUT_FORKED_EPISODES: float(result.get("forked_episodes", 0)),
+        M.ROLLOUT_GENERATED_TOKENS: float(result["action_tokens"]),
     }
 
 
