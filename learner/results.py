@@ -218,7 +218,8 @@ def wall_time_line(state: dict[str, Any], records: list[dict[str, Any]], cpus: i
             f"(per-run `wall_time_s`), on a machine with {cpus} CPU core(s).")
 
 
-EXTRA_PAIRS = (("mt_ppo", "ppo"),)  # paired besides every estimator against MT-GRPO: turn rewards under a critic
+# paired besides every estimator against MT-GRPO: turn rewards under a critic; tree rollouts against merged rewards
+EXTRA_PAIRS = (("mt_ppo", "ppo"), ("tree_grpo_c4", "grpo_mr"))
 HELD_OUT_TARGET = ("answer_in_result", 0.8)  # steps-to-target: the first held-out evaluation reaching it
 
 

@@ -13,9 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 TREE = ["rollout.tree.branch_turns=[1]", "rollout.tree.children=2", "algorithm.advantage=tree_grpo"]
 
 
-def test_tree_rollouts_train_through_the_pipeline(tmp_path, monkeypatch):
-    import ray
-
+def test_tree_rollouts_train_through_the_pipeline(ray_local, tmp_path, monkeypatch):
     from learner.driver import train
 
     monkeypatch.chdir(tmp_path)
@@ -24,11 +22,7 @@ def test_tree_rollouts_train_through_the_pipeline(tmp_path, monkeypatch):
         f"model.path={REPO / 'deploy/warmstart'}", f"data.dir={tmp_path / 'data'}", f"run.run_dir={run_dir}",
         "learner.total_steps=2", "algorithm.prompts_per_step=4", "algorithm.group_size=4",
         "learner.micro_batch_size=8", "eval.num_questions=8", "eval.greedy=false", *TREE])
-    try:
-        train(cfg)
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
+    train(cfg)  # on the session's Ray (tests/conftest.py), as the other training tests
     logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(logged) == 2
     assert sum(r["rollout/forked_episodes/count"] for r in logged) > 0  # the roots searched, the leaves forked
