@@ -156,18 +156,35 @@ def load_records(runs: list[RunSpec]) -> list[dict[str, Any]]:
             continue
         curves: dict[str, dict[int, float]] = {key: {} for key, _ in CURVES}
         metrics_path = spec.run_dir / "metrics.jsonl"
+        rows = []
         if metrics_path.exists():
             for line in metrics_path.read_text().splitlines():
                 if line.strip():
                     row = json.loads(line)
+                    rows.append(row)
                     for key, _ in CURVES:
                         if isinstance(row.get(key), (int, float)):
                             curves[key][int(row["step"])] = float(row[key])
         records.append({"task": spec.task, "estimator": spec.estimator, "seed": spec.seed, "name": spec.name,
                         "run_dir": spec.run_dir,
                         "eval": ev, "curves": curves, "wall_s": float(ev.get("wall_time_s", 0.0)),
-                        "steps": ev.get("steps")})
+                        "steps": ev.get("steps"), "generated_tokens": generated_tokens(rows)})
     return records
+
+
+def generated_tokens(rows: list[dict[str, Any]]) -> float | None:
+    """Action tokens the generators sampled over a run's training steps (``metrics.jsonl`` rows): each step's
+    ``rollout/generated_tokens/total``, or for runs logged before it (independent episodes only) the step's
+    episodes x their mean action tokens. None without step rows."""
+    total, episodes_before = 0.0, 0.0
+    for row in rows:
+        episodes = float(row.get(M.EPISODES_TOTAL, 0.0))
+        if isinstance(row.get(M.ROLLOUT_GENERATED_TOKENS), (int, float)):
+            total += float(row[M.ROLLOUT_GENERATED_TOKENS])
+        else:
+            total += (episodes - episodes_before) * float(row.get(M.ACTION_TOKENS_MEAN, 0.0))
+        episodes_before = episodes
+    return total if rows else None
 
 
 def plot_task(records: list[dict[str, Any]], task: str, estimators: list[str], out_path: Path,
@@ -246,7 +263,8 @@ def write_runs_csv(records: list[dict[str, Any]], path: Path) -> int:
 
 def held_out_section(records: list[dict[str, Any]], order: dict[str, list[str]]) -> list[str]:
     """Per task: final exact match and area under the held-out answer-in-result curve with 95 % bootstrap
-    intervals, steps to the target per seed, and each estimator paired (same seeds) against MT-GRPO."""
+    intervals, steps to the target per seed, the action tokens sampled per run (what a run cost: a tree samples
+    its shared turns once), and each estimator paired (same seeds) against MT-GRPO."""
     runs = _held_out(records)
     if not runs:
         return []
@@ -267,7 +285,7 @@ def held_out_section(records: list[dict[str, Any]], order: dict[str, list[str]])
         if not by_est:
             continue
         lines += [f"### {task}", "", f"| estimator | final exact match | area under {key} | steps to {key} >= {target} "
-                  "(per seed) | seeds |", "|---|---|---|---|---|"]
+                  "(per seed) | generated tokens per run (k) | seeds |", "|---|---|---|---|---|---|"]
         figures: dict[str, dict[str, dict[int, float]]] = {}
         for est in [e for e in estimators if e in by_est]:
             seeds = by_est[est]
@@ -279,7 +297,9 @@ def held_out_section(records: list[dict[str, Any]], order: dict[str, list[str]])
             reached = [steps_to_target(curves[s], target) for s in sorted(curves)]
             reach = ", ".join("never" if n is None else str(n) for n in reached)
             ci = lambda d: "{:.3f} [{:.3f}, {:.3f}]".format(*bootstrap_ci(list(d.values())))  # noqa: E731
-            lines.append(f"| {est} | {ci(em)} | {ci(area)} | {reach} | {len(seeds)} |")
+            tokens = [r["generated_tokens"] for r in seeds.values() if r.get("generated_tokens") is not None]
+            cost = f"{sum(tokens) / len(tokens) / 1e3:.0f}" if tokens else "n/a"
+            lines.append(f"| {est} | {ci(em)} | {ci(area)} | {reach} | {cost} | {len(seeds)} |")
         lines.append("")
         ref = next((e for e in ("mt_grpo", "mt_grpo_k") if e in figures), None)
         pairs = [(ref, e) for e in figures if ref and e != ref]

@@ -142,7 +142,7 @@ def test_shipped_experiment_config(tmp_path):
     assert not uncommented, f"keys without a comment: {uncommented}"
     exp = load_experiment(path)
     assert exp.tasks["two_turn"].estimators == ["grpo_or", "grpo_mr", "mt_grpo", "mt_grpo_l02", "gigpo", "mt_ppo",
-                                                "ppo"]
+                                                "ppo", "tree_grpo_c4"]
     assert exp.variants["mt_grpo_l02"].overrides == {"algorithm.outcome_coef": 0.2}  # the seed's lambda
     assert exp.tasks["multi_hop"].estimators == ["grpo_or", "grpo_mr", "mt_grpo_k", "gigpo", "mt_ppo"]
     assert len(exp.seeds) >= 3
@@ -449,7 +449,7 @@ def test_a_held_out_curve_without_step_0_starts_from_the_seeds_warm_start_run(tm
     (d / "eval.json").write_text(json.dumps(ev))
     text = "\n".join(held_out_section(load_records(runs), {"two_turn": ["mt_grpo"]}))
     # points (0, 0.2), (10, 1.0), (20, 1.0): area (10 * 0.6 + 10 * 1.0) / 20 = 0.8; 0.8 first reached at step 10
-    assert "| mt_grpo | 0.300 [0.300, 0.300] | 0.800 [0.800, 0.800] | 10 | 1 |" in text
+    assert "| mt_grpo | 0.300 [0.300, 0.300] | 0.800 [0.800, 0.800] | 10 | 0 | 1 |" in text  # 0: no tokens logged
 
 
 def test_the_second_search_section_reports_the_multi_hop_figures_with_intervals(tmp_path):
@@ -475,3 +475,16 @@ def test_the_second_search_section_reports_the_multi_hop_figures_with_intervals(
     assert rows["warm_start"][0] == "0.050 [0.000, 0.100]" and rows["warm_start"][-1] == "2"
     assert rows["mt_grpo_k"][:3] == ["0.400 [0.400, 0.400]", "0.600 [0.500, 0.700]", "1.600 [1.500, 1.700]"]
     assert second_search_section(load_records(runs), {"two_turn": ["mt_grpo"]}) == []
+
+
+def test_generated_tokens_counts_what_the_generators_sampled():
+    from learner.results import generated_tokens
+
+    # runs logged before rollout/generated_tokens: episodes of the step x their mean action tokens
+    old = [{"rollout/episodes/total": 128, "rollout/action_tokens/mean": 50.0},
+           {"rollout/episodes/total": 256, "rollout/action_tokens/mean": 40.0}]
+    assert generated_tokens(old) == 128 * 50 + 128 * 40
+    # tree runs log the sampled tokens (shared turns once), which win over the per-leaf mean
+    tree = [{"rollout/episodes/total": 128, "rollout/action_tokens/mean": 50.0, "rollout/generated_tokens/total": 3000}]
+    assert generated_tokens(tree) == 3000
+    assert generated_tokens([]) is None
