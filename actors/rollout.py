@@ -33,6 +33,12 @@ updates at turn boundaries). ``partial_rollouts`` says what happens to such an e
   session, new seeds), so every trained episode comes from one version. Its rows are held here
   and reach the queue only when it ends, so the queue never sees an aborted episode's rows.
   After ``max_aborts_per_episode`` restarts it finishes on mixed versions instead (counted).
+
+Tree rollouts (``tree_branch_turns``, ``tree_children``; rollout.tree): a question's ``group_size``
+episodes are the leaves of a tree (:meth:`RolloutWorker._plant`). Only the roots start from the prompt;
+when a root reaches a branch turn, the leaves due there fork from it (:meth:`RolloutWorker._branch`):
+env state, generator session (shared KV) and a copy of the shared path's rows under the leaf's own
+episode id (same node ids), then each draws its own turns. Both schedules drive trees the same way.
 """
 
 from __future__ import annotations
