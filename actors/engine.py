@@ -249,8 +249,7 @@ class HFEngine(SessionScheduler):
             kv = parent.kv
             if kv is not None and copy_kv:
                 kv = [(k.clone(), v.clone()) for k, v in kv]
-            child = self._sessions[cid] = _Session(list(parent.history), list(parent.tokens) if kv is not None else [], kv,
-                                                  parent.version)
+            child = self._sessions[cid] = _Session(list(parent.history), list(parent.tokens), kv, parent.version)
             if kv is not None:
                 self._cached_tokens += len(child.tokens)
                 given += len(child.tokens)

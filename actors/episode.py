@@ -41,7 +41,7 @@ class Episode:
     aborts: int = 0  # restarts after a weight push mid-episode
     held: list = field(default_factory=list)  # rows kept until the episode ends (partial_rollouts: abort)
     node: int = -1  # node id of the last closed turn on this episode's path (rollout.tree); -1 before turn 0
-    path_rows: list = field(default_factory=list)  # every row of this path so far (a tree's copies start from them)
+    path_rows: list = field(default_factory=list)  # rows of this path so far, kept while leaves are to fork from it
     active: bool = True  # False: a tree leaf not yet forked from its parent (it takes no turns until then)
     spawns: list = field(default_factory=list)  # rollout.tree: (turn, child Episode) to fork from this one
 
@@ -134,7 +134,8 @@ class Episode:
             S.NODE_ID: S.node_id(self.episode_id, self.turn), S.PARENT_NODE_ID: self.node,
         }
         self.node = row[S.NODE_ID]
-        self.path_rows.append(row)
+        if self.spawns:  # only an episode that will fork needs its path's rows (its leaves start from copies)
+            self.path_rows.append(row)
         self._summarise(row, action, info)
         if self.turn == 0:
             self.first_version = out.version

@@ -22,6 +22,7 @@ from env_workers.demo_data import generate_demo_data, load_questions
 from env_workers.index import BM25Index
 from env_workers.worker import EnvWorker
 from learner.batch import assemble
+from tests.actors.fakes import ListQueue, LocalHandle
 
 REPO = Path(__file__).resolve().parents[2]
 WARM = REPO / "deploy" / "warmstart"
@@ -101,8 +102,6 @@ def test_a_tree_waits_for_its_last_leaf_in_the_queue(ray_local, demo):
     index_dir, questions = demo
     gen = Generator(str(WARM), torch_threads=1)
     env = EnvWorker(str(index_dir), ENV)
-    from tests.actors.fakes import ListQueue, LocalHandle
-
     sink = ListQueue()
     worker = RolloutWorker(str(WARM), [LocalHandle(gen)], [LocalHandle(env)], LocalHandle(sink), run_id="tree",
                            max_tokens_per_turn=48, max_tokens_per_episode=400, tree_branch_turns=(1,),
