@@ -43,6 +43,7 @@ from common.config_sections import (  # noqa: F401 - the sections are part of th
     RunConfig,
     _fail,
 )
+from common.config_judge import JudgeConfig
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Config:
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # sampling
     generators: GeneratorsConfig = field(default_factory=GeneratorsConfig)  # generator actors
     env: EnvConfig = field(default_factory=EnvConfig)  # Wikipedia-search environment
+    judge: JudgeConfig = field(default_factory=JudgeConfig)  # generative reward model (judge actors) for turn and/or outcome rewards
     queue: QueueConfig = field(default_factory=QueueConfig)  # Arrow replay queue
     rollout: RolloutConfig = field(default_factory=RolloutConfig)  # synchronous or asynchronous actor-learner mode
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)  # credit assignment and loss
@@ -162,8 +164,10 @@ def check_placement(cfg: Config) -> None:
 def check_faults(cfg: Config) -> None:
     """Each ``faults.kill`` entry must name an actor that exists (its index below the role's count)."""
     counts = {"env_worker": cfg.env.num_workers, "generator": cfg.generators.num, "rollout": 1,
-              "learner": cfg.learner.num_ranks}
+              "learner": cfg.learner.num_ranks, "judge": cfg.judge.num_actors if cfg.judge.enabled else 0}
     for i, k in enumerate(cfg.faults.kill):
+        if k.actor == "judge" and not cfg.judge.enabled:
+            _fail(f"faults.kill[{i}].actor", k.actor, "needs judge.enabled: true (there is no judge actor)")
         if k.index >= counts[k.actor]:
             _fail(f"faults.kill[{i}].index", k.index, f"must be < {counts[k.actor]} (the number of {k.actor} actors)")
 

@@ -474,12 +474,12 @@ class CheckpointConfig:
             _fail(f"{p}.keep", self.keep, "must be >= 1")
 
 
-FAULT_ROLES = ("env_worker", "generator", "rollout", "learner")
+FAULT_ROLES = ("env_worker", "generator", "rollout", "learner", "judge")
 
 
 @dataclass
 class KillSpec:
-    actor: str = "env_worker"  # which role to kill: env_worker | generator | rollout | learner
+    actor: str = "env_worker"  # which role to kill: env_worker | generator | rollout | learner | judge (exits inside its next scoring call)
     index: int = 0  # which actor of that role (0-based; the rollout worker is index 0)
     after_step: int = 0  # kill during step after_step + 1: mid-episode, after that step's first turn (learner: before its update)
 

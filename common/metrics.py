@@ -30,6 +30,8 @@ ROLLOUT_ABORTED_EPISODES = "rollout/aborted_episodes/count"  # rollout.partial_r
 ROLLOUT_MIXED_VERSION_EPISODES = "rollout/mixed_version_episodes/count"
 ROLLOUT_KV_REUSE = "rollout/kv_reuse/fraction"  # history tokens served from the generators' KV caches / all history tokens
 ROLLOUT_FORKED_EPISODES = "rollout/forked_episodes/count"  # rollout.tree: leaves forked from a live parent
+REWARD_JUDGE_TURN = "rollout/reward/judge_turn/mean"  # judge.enabled: judge component of the turn rewards, per episode
+REWARD_JUDGE_OUTCOME = "rollout/reward/judge_outcome/mean"  # judge.enabled: judge component of the outcome reward
 ROLLOUT_GENERATED_TOKENS = "rollout/generated_tokens/total"  # action tokens sampled this step (a tree's shared turns once)
 # --- advantages ----------------------------------------------------------------
 ADV_TURN_MEAN = "train/advantage/turn{k}/mean"  # format with k = turn index
@@ -88,10 +90,20 @@ TIME_STEP = "perf/time/step_s"
 TIME_BATCH_WAIT = "perf/time/batch_wait_s"
 LEARNER_TOKENS = "perf/learner/tokens"  # token positions the learner's forwards ran over (padding included)
 LEARNER_UNIQUE_TOKENS = "perf/learner/unique_tokens"  # distinct (prefix, token) nodes of the batch: the least any forward needs
+TIME_JUDGE = "perf/time/judge_s"  # seconds the env workers waited on the judge this step (summed over env workers)
+# --- judge: the generative reward model (judge.enabled; env_workers/judge_client.py) ------------------
+JUDGE_REQUESTS = "judge/requests/total"
+JUDGE_FAILURES = "judge/failures/total"
+JUDGE_CACHE_HITS = "judge/cache_hits/total"
+JUDGE_RETRIES = "judge/retries/total"
+JUDGE_CACHE_HIT_RATE = "judge/cache_hit/rate"
+JUDGE_TURN_SCORE = "judge/score/turn/mean"
+JUDGE_OUTCOME_SCORE = "judge/score/outcome/mean"
+JUDGE_THROUGHPUT = "judge/throughput/prompts_per_s"
 # --- actors (fault tolerance) ---------------------------------------------------------
 ACTOR_RESTARTS = "actors/restarts/total"
 ACTOR_RESTARTS_ROLE = "actors/restarts/{role}"  # format with role in ACTOR_ROLES
-ACTOR_ROLES = ("generator", "env_worker", "learner", "rollout", "queue")
+ACTOR_ROLES = ("generator", "env_worker", "learner", "rollout", "queue", "judge")
 # --- audit: every episode counted exactly once (learner/faults.py) ---------------------------
 AUDIT_STARTED = "audit/episodes/started_total"
 AUDIT_COMPLETED = "audit/episodes/completed_total"
@@ -195,6 +207,19 @@ METRICS: dict[str, str] = {
     LEARNER_UNIQUE_TOKENS: "Distinct (prefix, token) positions of the step's batch: the work a forward cannot avoid",
 }
 METRICS[ACTOR_RESTARTS] = "Ray restarts of this run's actors so far (all roles)"
+METRICS.update({
+    REWARD_JUDGE_TURN: "Mean judge component (judge.turn_weight x score) of the turn rewards per trained episode",
+    REWARD_JUDGE_OUTCOME: "Mean judge component (judge.outcome_weight x score) of the outcome reward per trained episode",
+    TIME_JUDGE: "Seconds the env workers spent waiting on the judge in the step (summed over env workers)",
+    JUDGE_REQUESTS: "Judge items (search turns, final answers) asked for so far, cache hits included",
+    JUDGE_FAILURES: "Judge items that scored 0 because their call failed, timed out or hit a dead judge actor",
+    JUDGE_RETRIES: "Judge batches sent again because their judge actor had died or was restarting",
+    JUDGE_CACHE_HITS: "Judge items answered from an env worker's cache of (kind, prompt) scores",
+    JUDGE_CACHE_HIT_RATE: "Share of the step's judge items answered from the cache",
+    JUDGE_TURN_SCORE: "Mean judge score in [0, 1] of the step's judged search turns",
+    JUDGE_OUTCOME_SCORE: "Mean judge score in [0, 1] of the step's judged final answers",
+    JUDGE_THROUGHPUT: "Prompts the judge model scored per second of its own compute in the step",
+})
 METRICS.update({
     AUDIT_STARTED: "Episode ids handed to the rollout worker (retries under new ids included)",
     AUDIT_COMPLETED: "Episodes the rollout worker reported finished",

@@ -1,24 +1,23 @@
-"""Generative reward model hook: an LLM judge that scores a turn or an outcome in [0, 1].
+"""A generative reward model's text side: judge prompts, and reading a score out of a reply.
 
 The open question of the MT-GRPO paper (Zeng et al. 2025, arXiv 2505.11821) is richer reward
 generation, e.g. a generative reward model (DeepSeek-GRM style: an LLM writes a judgement and
-a score). Here a judge model is prompted with a template, generates a few tokens, and
-:func:`parse_score` reads a number out of the text. The score enters the rubric as one more
-weighted component, ``judge`` (:func:`judge_component`), on turn rewards, outcome rewards, or
-both (see :class:`env_workers.worker.EnvWorker`).
+a score); the paper's v2 uses an LLM judge for turn rewards. In turnrl a judge model runs in
+its own Ray actors (:class:`env_workers.judge_model.JudgeActor`); the env workers send it
+batched prompts across episodes through :class:`env_workers.judge_client.JudgeClient`, and
+the score enters the rubric as one more weighted component, ``judge``
+(:func:`judge_component`), on search turns, on the outcome, or on both (``judge:`` config).
 
-* :class:`LLMJudge` is the Ray-free core. Its backend is any object with
-  ``generate(prompts: list[list[int]], params, max_new_tokens: list[int] | None)`` returning,
-  per prompt, token ids (a list of ints or an object with ``token_ids``, as
-  :class:`actors.engine.HFEngine` and :class:`actors.generator.Generator` return) or text; a
-  Ray actor handle with such a method (``backend.generate.remote``) works too.
-* :class:`JudgeActor` is a thin class for ``ray.remote``: it loads a local model directory and
-  serves ``score_outcomes`` / ``score_turns``.
+Two scoring modes read a prompt built here (:func:`render`, :func:`prompt_ids`):
+
+* likelihood: one forward; ``s = p(yes) / (p(yes) + p(no))`` of the verdict word that opens
+  the judge's reply (:func:`likelihood_score`);
+* generative: the judge samples a short reply (a critique) and :func:`parse_score` reads a
+  number out of it.
 
 The text being judged is model output and therefore untrusted: it only ever fills a template
 slot (cut to ``max_field_chars``), it is never evaluated, and the judge's reply is only
-searched for a number. Nothing here raises on model output or on a failing backend: an
-unparsable or missing reply scores 0.
+searched for a number. Nothing here raises on model output: an unparsable reply scores 0.
 """
 
 from __future__ import annotations
@@ -31,25 +30,23 @@ from typing import Any, Mapping, Sequence
 
 logger = logging.getLogger(__name__)
 
-OUTCOME_TEMPLATE = (
-    "You grade answers to trivia questions.\n"
-    "Question: {question}\n"
-    "Reference answer(s): {answers}\n"
-    "Candidate answer (between the markers): <<<{response}>>>\n"
-    "Is the candidate answer correct? Reply with one number between 0 and 1 as 'Score: <number>'.\n"
-    "Score:"
-)
 TURN_TEMPLATE = (
-    "You grade one step of a search agent answering a question.\n"
+    "Search result: {observation}\n"
     "Question: {question}\n"
-    "The agent's step (between the markers): <<<{action}>>>\n"
-    "What the search returned: <<<{observation}>>>\n"
-    "How much does this step help to answer the question? Reply with one number between 0 and 1 "
-    "as 'Score: <number>'.\n"
-    "Score:"
+    "Does this search result help answer the question? Answer yes or no."
+)
+OUTCOME_TEMPLATE = (
+    "Question: {question}\n"
+    "Reference answer: {answers}\n"
+    "Candidate answer: {response}\n"
+    "Is the candidate answer correct? Answer yes or no."
 )
 OUTCOME_FIELDS = frozenset({"question", "answers", "response"})
 TURN_FIELDS = frozenset({"question", "action", "observation", "answers"})
+KINDS = ("turn", "outcome")
+#: What the demo judge is trained to reply: the verdict word first (likelihood mode reads its
+#: probability), then a score the generative mode parses.
+REPLIES = {True: "yes. Score: 1", False: "no. Score: 0"}
 #: Only this many leading characters of a judge reply are parsed.
 MAX_REPLY_CHARS = 2000
 
@@ -125,7 +122,7 @@ def judge_component(score: float, weight: float) -> dict[str, float]:
     return {"judge": float(weight) * min(1.0, max(0.0, s))}
 
 
-def _check_template(template: str, allowed: frozenset[str], name: str) -> None:
+def check_template(template: str, allowed: frozenset[str], name: str) -> None:
     try:
         fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
     except ValueError as exc:
@@ -142,135 +139,47 @@ def _field(value: object, limit: int) -> str:
     return s[:limit]
 
 
-class LLMJudge:
-    """Scores turns and outcomes with a generative judge model (Ray-free core)."""
-
-    def __init__(
-        self,
-        backend: Any,
-        tokenizer: Any,
-        *,
-        outcome_template: str = OUTCOME_TEMPLATE,
-        turn_template: str = TURN_TEMPLATE,
-        params: Any = None,
-        max_new_tokens: int = 8,
-        max_prompt_tokens: int = 1024,
-        max_field_chars: int = 2000,
-        use_chat_template: bool = True,
-    ) -> None:
-        """``params``: sampling parameters for the backend (default: greedy, ``max_new_tokens``)."""
-        _check_template(outcome_template, OUTCOME_FIELDS, "outcome_template")
-        _check_template(turn_template, TURN_FIELDS, "turn_template")
-        if max_new_tokens < 1 or max_prompt_tokens < 8 or max_field_chars < 1:
-            raise ValueError("max_new_tokens >= 1, max_prompt_tokens >= 8 and max_field_chars >= 1 are required")
-        if params is None:
-            from actors.engine import SamplingParams
-
-            params = SamplingParams(greedy=True, max_new_tokens=max_new_tokens, temperature=1.0)
-        self.backend = backend
-        self.tokenizer = tokenizer
-        self.outcome_template = outcome_template
-        self.turn_template = turn_template
-        self.params = params
-        self.max_new_tokens = max_new_tokens
-        self.max_prompt_tokens = max_prompt_tokens
-        self.max_field_chars = max_field_chars
-        self.use_chat_template = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
-        self.calls = 0
-        self.failures = 0
-
-    # ------------------------------------------------------------------ prompts
-
-    def render(self, template: str, fields: Mapping[str, object]) -> str:
-        """The judge prompt text for one item (missing fields are empty)."""
-        allowed = OUTCOME_FIELDS | TURN_FIELDS
-        values = {k: _field(fields.get(k), self.max_field_chars) for k in allowed}
-        return template.format(**values)
-
-    def _prompt_ids(self, text: str) -> list[int]:
-        if self.use_chat_template:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-            )
-        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
-        return ids[-self.max_prompt_tokens :]  # keep the tail: it holds the instruction
-
-    def _decode(self, out: object) -> str:
-        if isinstance(out, str):
-            return out
-        ids = getattr(out, "token_ids", out)
-        if isinstance(ids, (list, tuple)) and all(isinstance(i, int) for i in ids):
-            return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-        return ""
-
-    def generate_texts(self, prompts: Sequence[str]) -> list[str]:
-        """The judge's reply to each prompt (``""`` for every prompt if the backend fails)."""
-        if not prompts:
-            return []
-        self.calls += 1
-        try:
-            ids = [self._prompt_ids(p) for p in prompts]
-            caps = [self.max_new_tokens] * len(ids)
-            gen = getattr(self.backend, "generate")
-            if hasattr(gen, "remote"):  # a Ray actor handle
-                import ray
-
-                outs = ray.get(gen.remote(ids, self.params, caps))
-            else:
-                outs = gen(ids, self.params, caps)
-            texts = [self._decode(o) for o in outs]
-            if len(texts) != len(prompts):
-                raise ValueError(f"backend returned {len(texts)} outputs for {len(prompts)} prompts")
-            return texts
-        except Exception:  # noqa: BLE001 - a judge failure must not kill the environment
-            self.failures += 1
-            logger.exception("judge backend failed on %d prompts; scoring them 0", len(prompts))
-            return [""] * len(prompts)
-
-    # ------------------------------------------------------------------ scoring
-
-    def score_outcomes(self, items: Sequence[Mapping[str, object]]) -> list[float]:
-        """Score final answers: items hold ``question``, ``answers`` (aliases), ``response``."""
-        texts = self.generate_texts([self.render(self.outcome_template, it) for it in items])
-        return [parse_score(t) for t in texts]
-
-    def score_turns(self, items: Sequence[Mapping[str, object]]) -> list[float]:
-        """Score single turns: items hold ``question``, ``action``, ``observation`` (``answers`` optional)."""
-        texts = self.generate_texts([self.render(self.turn_template, it) for it in items])
-        return [parse_score(t) for t in texts]
 
 
-class JudgeActor:
-    """A judge model in its own process: wrap with ``ray.remote(JudgeActor)``.
+def render(template: str, fields: Mapping[str, object], max_field_chars: int) -> str:
+    """The judge prompt text for one item: ``template`` with each field cut to ``max_field_chars``
+    (missing fields are empty). Model output only ever fills a slot; it is never formatted itself."""
+    values = {k: _field(fields.get(k), max_field_chars) for k in OUTCOME_FIELDS | TURN_FIELDS}
+    return template.format(**values)
 
-    Loads ``model_path`` (a local Hugging Face directory) into an
-    :class:`actors.engine.HFEngine` and serves :class:`LLMJudge` scoring.
-    """
 
-    def __init__(self, model_path: str, *, dtype: str = "float32", torch_threads: int = 1,
-                 device: str | None = None, **judge_kwargs: Any) -> None:
-        import torch
+def prompt_ids(tokenizer: Any, text: str, max_prompt_tokens: int) -> list[int]:
+    """Token ids of a judge prompt: the text as the user's message under the tokenizer's chat template
+    (when it has one) with the assistant's turn opened; the tail is kept when it is too long (it holds
+    the instruction)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    return ids[-max_prompt_tokens:]
 
-        from actors.engine import HFEngine
-        from common.modeling import check_model_dir, load_model, load_tokenizer
 
-        torch.set_num_threads(max(1, torch_threads))
-        check_model_dir(model_path)
-        tokenizer = load_tokenizer(model_path)
-        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.engine = HFEngine(load_model(model_path, dtype), tokenizer, device=dev)
-        self.judge = LLMJudge(self.engine, tokenizer, **judge_kwargs)
-        logger.info("judge model loaded from %s on %s", model_path, dev)
+def verdict_ids(tokenizer: Any, yes: str, no: str) -> tuple[int, int]:
+    """The first token of each verdict word (likelihood mode); they must differ."""
+    y = tokenizer.encode(yes, add_special_tokens=False)
+    n = tokenizer.encode(no, add_special_tokens=False)
+    if not y or not n or y[0] == n[0]:
+        raise ValueError(f"judge verdict words {yes!r} and {no!r} must start with different tokens "
+                         f"(got {y[:1]} and {n[:1]})")
+    return int(y[0]), int(n[0])
 
-    def score_outcomes(self, items: list[dict[str, Any]]) -> list[float]:
-        return self.judge.score_outcomes(items)
 
-    def score_turns(self, items: list[dict[str, Any]]) -> list[float]:
-        return self.judge.score_turns(items)
+def likelihood_score(logp_yes: float, logp_no: float) -> float:
+    """The likelihood-mode score, the verdict probability renormalised over the two words:
 
-    def replies(self, prompts: list[str]) -> list[str]:
-        """Raw judge replies (for inspecting a template)."""
-        return self.judge.generate_texts(prompts)
+        s = p(yes) / (p(yes) + p(no)) = sigmoid(log p(yes) - log p(no))
 
-    def ping(self) -> bool:
-        return True
+    0 when neither is finite (e.g. both missing from a backend's top log-probs)."""
+    if not math.isfinite(logp_yes) and not math.isfinite(logp_no):
+        return 0.0
+    if not math.isfinite(logp_no):
+        return 1.0
+    if not math.isfinite(logp_yes):
+        return 0.0
+    d = logp_yes - logp_no
+    return 1.0 / (1.0 + math.exp(-d)) if d > -700 else 0.0

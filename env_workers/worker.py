@@ -8,11 +8,17 @@ searches of all its episodes in one batched BM25 call. Bad episode ids give an e
 ``"unknown_episode"`` / ``"duplicate_id"``), never an exception, so one bad id cannot kill a
 rollout. An episode is released as soon as it is done.
 
-Optional LLM judge (:mod:`env_workers.judge`): with ``judge`` set (an ``LLMJudge``, or a Ray
-handle to a ``JudgeActor``) and a positive ``judge_outcome_weight`` / ``judge_turn_weight``,
-finished episodes get an outcome component ``judge`` and tool turns a turn component
-``judge`` (weight x score in [0, 1]); every result then carries the key (0.0 where the judge
-did not run). A failing judge scores 0 and never fails the step.
+Optional judge (``judge:`` config; :mod:`env_workers.judge_client`): with ``judge`` set (a
+:class:`env_workers.judge_client.JudgeClient` holding the judge actors' handles), each step sends
+one batched request for all its episodes: search turns get a turn component ``judge`` and
+finished answers an outcome component ``judge`` (the client's weight x score in [0, 1]); every
+result of a judged kind then carries the key (0.0 where the judge did not run). A failing or
+late judge scores 0 (counted in :meth:`EnvWorker.judge_stats`) and never fails the step. An
+example with ``"judge": False`` (held-out evaluation) is never judged.
+
+What training uses: ``ray.remote(EnvWorker)`` from :class:`learner.trainer.Trainer`, called by the
+rollout workers through :class:`actors.env_client.EnvClient`: ``reset``, ``step``, ``fork``,
+``close``, ``ping``, and ``judge_stats`` for the step's metrics.
 """
 
 from __future__ import annotations
@@ -25,17 +31,9 @@ from typing import Any, Sequence
 from env_workers.env import StepResult, WikiSearchEnv, error_step_result, step_batch
 from env_workers.index import BM25Index
 from env_workers.judge import judge_component
+from env_workers.judge_client import JudgeClient
 
 logger = logging.getLogger(__name__)
-
-
-def _call(obj: Any, method: str, items: list[dict[str, Any]]) -> list[float]:
-    fn = getattr(obj, method)
-    if hasattr(fn, "remote"):  # a Ray actor handle
-        import ray
-
-        return list(ray.get(fn.remote(items)))
-    return list(fn(items))
 
 
 class EnvWorker:
@@ -47,9 +45,7 @@ class EnvWorker:
         env_kwargs: dict[str, Any] | None = None,
         *,
         mmap: bool = True,
-        judge: Any = None,
-        judge_outcome_weight: float = 0.0,
-        judge_turn_weight: float = 0.0,
+        judge: JudgeClient | None = None,
         step_latency_s: float = 0.0,
     ) -> None:
         """Load the index saved in ``index_dir``; ``env_kwargs`` go to every ``WikiSearchEnv``.
@@ -57,8 +53,6 @@ class EnvWorker:
         ``mmap=True`` (default) memory-maps the score arrays and documents: workers on one node
         share the operating system's page cache instead of each holding a copy of the corpus.
         """
-        if judge_outcome_weight < 0 or judge_turn_weight < 0:
-            raise ValueError("judge weights must be >= 0")
         if step_latency_s < 0:
             raise ValueError(f"step_latency_s={step_latency_s}: must be >= 0")
         self.step_latency_s = float(step_latency_s)  # added to every step call: a stand-in for a slow tool
@@ -67,8 +61,7 @@ class EnvWorker:
         WikiSearchEnv(self.index, **self.env_kwargs)  # fail fast on bad kwargs
         self._episodes: dict[str, WikiSearchEnv] = {}
         self.judge = judge
-        self.judge_outcome_weight = float(judge_outcome_weight) if judge is not None else 0.0
-        self.judge_turn_weight = float(judge_turn_weight) if judge is not None else 0.0
+        self._unjudged: set[str] = set()  # live episodes whose example said "judge": False
         #: Changes every time the worker is constructed (a restarted actor gets a new one).
         self.instance_id = uuid.uuid4().hex
         logger.info("EnvWorker ready: %d documents from %s", len(self.index), index_dir)
@@ -91,6 +84,10 @@ class EnvWorker:
             env = WikiSearchEnv(self.index, **self.env_kwargs)
             prompts.append(env.reset(example))
             self._episodes[eid] = env
+            if example.get("judge", True) is False:
+                self._unjudged.add(eid)
+            else:
+                self._unjudged.discard(eid)
         return prompts
 
     def step(self, episode_ids: Sequence[str], actions: Sequence[str],
@@ -125,51 +122,47 @@ class EnvWorker:
         if self.step_latency_s > 0:
             time.sleep(self.step_latency_s)
         stepped = step_batch(envs, batch_actions, batch_final)
-        if self.judge_outcome_weight > 0 or self.judge_turn_weight > 0:
-            self._add_judge_terms(envs, stepped)
+        if self.judge is not None:
+            self._add_judge_terms(envs, stepped, [episode_ids[i] not in self._unjudged for i in slots])
         for i, res in zip(slots, stepped):
             results[i] = res
             if res.done:
                 del self._episodes[episode_ids[i]]
+                self._unjudged.discard(episode_ids[i])
         return [r for r in results if r is not None]
 
-    def _add_judge_terms(self, envs: list[WikiSearchEnv], results: list[StepResult]) -> None:
-        """Add the ``judge`` component to turn and/or outcome rewards (batched judge calls)."""
-        if self.judge_turn_weight > 0:
-            turns = [k for k, r in enumerate(results) if r.info.get("tool_called")]
-            scores = self._scores("score_turns", [
-                {"question": envs[k].question, "answers": envs[k].answers, "action": envs[k].last_action,
-                 "observation": results[k].observation_text or results[k].info.get("error") or ""}
-                for k in turns
-            ])
-            by_turn = dict(zip(turns, scores))
-            for k, r in enumerate(results):
-                r.turn_reward.update(judge_component(by_turn.get(k, 0.0), self.judge_turn_weight))
-                if k in by_turn:
-                    r.info["judge_turn_score"] = by_turn[k]
-        if self.judge_outcome_weight > 0:
-            ends = [k for k, r in enumerate(results) if r.done and r.outcome_reward is not None]
-            scores = self._scores("score_outcomes", [
-                {"question": envs[k].question, "answers": envs[k].answers,
-                 "response": results[k].info.get("answer") or ""}
-                for k in ends
-            ])
-            for k, s in zip(ends, scores):
-                assert results[k].outcome_reward is not None
-                results[k].outcome_reward.update(judge_component(s, self.judge_outcome_weight))
-                results[k].info["judge_outcome_score"] = s
+    def _add_judge_terms(self, envs: list[WikiSearchEnv], results: list[StepResult], judged: list[bool]) -> None:
+        """Add the ``judge`` component to search turns and/or final answers: one batched judge request."""
+        assert self.judge is not None
+        wt, wo = self.judge.weight("turn"), self.judge.weight("outcome")
+        items: list[tuple[str, dict[str, Any]]] = []
+        where: list[tuple[int, str]] = []
+        for k, r in enumerate(results):
+            env = envs[k]
+            if wt > 0 and judged[k] and r.info.get("tool_called"):
+                items.append(("turn", {"question": env.question, "answers": env.answers, "action": env.last_action,
+                                       "observation": r.observation_text or r.info.get("error") or ""}))
+                where.append((k, "turn"))
+            if wo > 0 and judged[k] and r.done and r.outcome_reward is not None:
+                items.append(("outcome", {"question": env.question, "answers": env.answers,
+                                          "response": r.info.get("answer") or ""}))
+                where.append((k, "outcome"))
+        scores = self.judge.score(items) if items else []
+        got = {kw: s for kw, s in zip(where, scores)}
+        for k, r in enumerate(results):
+            if wt > 0:
+                r.turn_reward.update(judge_component(got.get((k, "turn"), 0.0), wt))
+                if (k, "turn") in got:
+                    r.info["judge_turn_score"] = got[(k, "turn")]
+            if wo > 0 and r.outcome_reward is not None:
+                r.outcome_reward.update(judge_component(got.get((k, "outcome"), 0.0), wo))
+                if (k, "outcome") in got:
+                    r.info["judge_outcome_score"] = got[(k, "outcome")]
 
-    def _scores(self, method: str, items: list[dict[str, Any]]) -> list[float]:
-        if not items:
-            return []
-        try:
-            scores = _call(self.judge, method, items)
-            if len(scores) != len(items):
-                raise ValueError(f"judge returned {len(scores)} scores for {len(items)} items")
-            return scores
-        except Exception:  # noqa: BLE001 - the judge must never fail a step
-            logger.exception("judge %s failed on %d items; scoring them 0", method, len(items))
-            return [0.0] * len(items)
+    def judge_stats(self) -> dict[str, Any]:
+        """The judge client's running counts (``{}`` without a judge) and this worker's :attr:`instance_id`
+        (counts restart from 0 when a restarted worker has a new one)."""
+        return {"instance_id": self.instance_id, **(self.judge.stats() if self.judge is not None else {})}
 
     def fork(self, parent_id: str, child_ids: Sequence[str]) -> int:
         """Tree rollouts: episodes ``child_ids`` continue from live episode ``parent_id`` (a copy of its state:
@@ -181,12 +174,15 @@ class EnvWorker:
             return 0
         for cid in child_ids:
             self._episodes[cid] = env.clone()
+            if parent_id in self._unjudged:
+                self._unjudged.add(cid)
         return len(child_ids)
 
     def close(self, episode_ids: Sequence[str]) -> None:
         """Forget these episodes (unknown ids are ignored)."""
         for eid in episode_ids:
             self._episodes.pop(eid, None)
+            self._unjudged.discard(eid)
 
     def num_live(self) -> int:
         """Number of episodes started and not yet done or closed."""

@@ -68,6 +68,8 @@ def preflight(cfg: Config, resume: str | Path | None) -> tuple[DataPaths, Path |
     check_estimator_config(cfg.algorithm)
     T.check_report_to(cfg.metrics.report_to)
     check_model_dir(cfg.model.path)
+    if cfg.judge.enabled:
+        check_model_dir(cfg.judge.model_path)
     if cfg.algorithm.ref_model_path:
         check_model_dir(cfg.algorithm.ref_model_path)
     data = prepare_data(cfg.data)
@@ -135,12 +137,13 @@ def sync_step(trainer: "Trainer", step: int) -> dict[str, float]:
 
 
 def run_counters(trainer: "Trainer", restart_base: dict, *, sync: bool) -> dict[str, float]:
-    """The step's queue, restart and episode-audit figures (restarts carried over resumes)."""
+    """The step's queue, restart, judge and episode-audit figures (restarts carried over resumes)."""
     import ray
 
     stats = dict(ray.get(trainer.queue.stats.remote()))
     stats.setdefault(M.EPISODES_TOTAL, len(trainer.audit.trained))
     stats.update({k: v + restart_base.get(k, 0.0) for k, v in trainer.restarts.sample().items()})
+    stats.update(trainer.judge_metrics())  # judge/* and perf/time/judge_s ({} without judge.enabled)
     stats.update(trainer.audit.counts(trainer.episode_counter, stale_episodes(stats, trainer.cfg.algorithm.group_size),
                                       sync=sync))
     return stats

@@ -25,12 +25,13 @@ def episode_summaries(table) -> list[dict[str, Any]]:
 
     The same fields as the rollout worker's own summaries: turn and outcome rewards, tool calls and
     successes, whether some search result held an answer, exact match and format (outcome components
-    of the last turn), truncation, turns and action tokens.
+    of the last turn), truncation, turns and action tokens; with the judge on, the judge's share of the
+    turn and outcome rewards (``judge_turn_reward``, ``judge_outcome_reward``).
     """
     import pyarrow.compute as pc
 
     names = (S.EPISODE_ID, S.GROUP_ID, S.TURN_INDEX, S.TURN_REWARD, S.OUTCOME_REWARD, S.OUTCOME_REWARD_COMPONENTS,
-             S.IS_LAST_TURN, S.TRUNCATED, S.TOOL_CALLED, S.TOOL_SUCCESS, S.RESULT_CONTAINS_ANSWER)
+             S.TURN_REWARD_COMPONENTS, S.IS_LAST_TURN, S.TRUNCATED, S.TOOL_CALLED, S.TOOL_SUCCESS, S.RESULT_CONTAINS_ANSWER)
     cols = {n: table.column(n).to_pylist() for n in names}
     n_actions = pc.list_value_length(table.column(S.ACTION_TOKEN_IDS)).to_pylist()
     out: dict[int, dict[str, Any]] = {}
@@ -44,8 +45,13 @@ def episode_summaries(table) -> list[dict[str, Any]]:
         s["answer_in_result"] = s["answer_in_result"] or bool(cols[S.RESULT_CONTAINS_ANSWER][i])
         s["turn_reward"] += float(cols[S.TURN_REWARD][i])
         s["action_tokens"] += int(n_actions[i] or 0)
+        turn_comps = S.components_to_dict(cols[S.TURN_REWARD_COMPONENTS][i])
+        if "judge" in turn_comps:  # judge.turn_weight x the judge's score of this search turn
+            s["judge_turn_reward"] = s.get("judge_turn_reward", 0.0) + turn_comps["judge"]
         if cols[S.IS_LAST_TURN][i]:
             comps = S.components_to_dict(cols[S.OUTCOME_REWARD_COMPONENTS][i])
+            if "judge" in comps:
+                s["judge_outcome_reward"] = comps["judge"]
             s["outcome_reward"] = float(cols[S.OUTCOME_REWARD][i])
             s["exact_match"] = float(comps.get("exact_match", 0.0) > 0)
             s["format"] = float(comps.get("format", 0.0))
@@ -152,7 +158,11 @@ def episode_metrics(episodes: list[dict[str, Any]]) -> dict[str, float]:
     n = max(1, len(episodes))
     s = summarize_episodes(episodes)
     calls = sum(e.get("tool_calls", 0) for e in episodes)
-    return {
+    judged = {}
+    for key, name in (("judge_turn_reward", M.REWARD_JUDGE_TURN), ("judge_outcome_reward", M.REWARD_JUDGE_OUTCOME)):
+        if any(key in e for e in episodes):  # judge.enabled: the judge's part of the rewards trained on
+            judged[name] = sum(e.get(key, 0.0) for e in episodes) / n
+    return judged | {
         M.REWARD_TURN: sum(e.get("turn_reward", 0.0) for e in episodes) / n,
         M.REWARD_OUTCOME: sum(e.get("outcome_reward", 0.0) for e in episodes) / n,
         M.REWARD_TOTAL: sum(e.get("turn_reward", 0.0) + e.get("outcome_reward", 0.0) for e in episodes) / n,

@@ -148,7 +148,8 @@ def kills_due(cfg: Any, step: int) -> list[Any]:
 
 def inject(trainer: Any, step: int) -> list[str]:
     """Arm this step's kills: the rollout worker fires env-worker / generator / rollout kills after the
-    step's first turn (mid-episode); learner ranks are killed now (the step's update then fails)."""
+    step's first turn (mid-episode); learner ranks are killed now (the step's update then fails); a judge
+    actor exits inside its next scoring call."""
     import ray
 
     fired = []
@@ -156,6 +157,8 @@ def inject(trainer: Any, step: int) -> list[str]:
         if k.actor == "learner":
             log.warning("fault injection: killing learner rank %d before step %d's update", k.index, step)
             ray.kill(trainer.learners[k.index], no_restart=False)
+        elif k.actor == "judge":  # dies inside its next scoring call, while an env worker waits on it
+            ray.get(trainer.judges[k.index].arm_exit.remote())
         else:
             ray.get(trainer.rollout.arm_kill.remote(k.actor, k.index))
         fired.append(f"{k.actor}[{k.index}]@step{step}")

@@ -24,11 +24,14 @@ from actors.rollout import RolloutWorker
 from common import metrics as M
 from common import schema as S
 from common.config import Config, torch_threads
+from common.config_judge import judge_threads
 from common.replay_queue import ReplayQueue, register_arrow_serializers
 from env_workers.demo_data import load_questions
 from env_workers.env import DEFAULT_SYSTEM_PROMPT, SYSTEM_PROMPTS
 from env_workers.prepare import DataPaths
 from env_workers.rewards import RewardWeights
+from env_workers.judge_client import JudgeClient
+from env_workers.judge_model import JudgeActor
 from env_workers.worker import EnvWorker
 from learner.cluster import Placement, RestartCounter
 from learner.evaluation import episode_metrics, episode_summaries, multi_hop_summary, summarize_episodes
@@ -77,6 +80,64 @@ def rollout_kwargs(cfg: Config) -> dict[str, Any]:
         "partial_rollouts": cfg.rollout.partial_rollouts, "max_aborts_per_episode": cfg.rollout.max_aborts_per_episode,
         "tree_branch_turns": tuple(cfg.rollout.tree.branch_turns), "tree_children": cfg.rollout.tree.children,
     }
+
+
+def judge_actor_kwargs(cfg: Config) -> dict[str, Any]:
+    """Keyword arguments of ``JudgeActor(model_path, **kwargs)`` from ``judge.*`` (the run seed seeds sampling)."""
+    j = cfg.judge
+    return {"backend": j.backend, "mode": j.mode, "dtype": j.dtype, "torch_threads": judge_threads(j),
+            "yes_token": j.yes_token, "no_token": j.no_token, "max_new_tokens": j.max_new_tokens,
+            "temperature": j.temperature, "max_prompt_tokens": j.max_prompt_tokens,
+            "max_batch_tokens": j.max_batch_tokens, "seed": cfg.run.seed,
+            "vllm_gpu_memory_utilization": j.vllm_gpu_memory_utilization}
+
+
+def judge_client_kwargs(cfg: Config) -> dict[str, Any]:
+    """Keyword arguments of ``JudgeClient(judges, **kwargs)`` (the env workers' side) from ``judge.*``."""
+    j = cfg.judge
+    return {"turn_weight": j.turn_weight, "outcome_weight": j.outcome_weight, "batch_size": j.batch_size,
+            "timeout_s": j.timeout_s, "cache_size": j.cache_size, "turn_template": j.turn_template,
+            "outcome_template": j.outcome_template, "max_field_chars": j.max_field_chars}
+
+
+class JudgeCounters:
+    """Per-step ``judge/*`` metrics and ``perf/time/judge_s`` from the env workers' running judge counts.
+
+    Each env worker's counts start from 0 when it restarts (a new ``instance_id``); what its previous life
+    counted is carried, so the totals never go back."""
+
+    def __init__(self) -> None:
+        self._last: dict[int, tuple[str, dict[str, float]]] = {}
+        self._carried: dict[str, float] = {}
+        self._prev: dict[str, float] = {}
+
+    def totals(self, per_worker: list[dict[str, Any]]) -> dict[str, float]:
+        out = dict(self._carried)
+        for i, st in enumerate(per_worker):
+            counts = {k: float(v) for k, v in st.items() if k != "instance_id"}
+            last = self._last.get(i)
+            if last is not None and last[0] != st["instance_id"]:  # restarted: keep what the old one counted
+                for k, v in last[1].items():
+                    self._carried[k] = self._carried.get(k, 0.0) + v
+                    out[k] = out.get(k, 0.0) + v
+            self._last[i] = (st["instance_id"], counts)
+            for k, v in counts.items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+    def step(self, per_worker: list[dict[str, Any]]) -> dict[str, float]:
+        tot = self.totals(per_worker)
+        d = {k: v - self._prev.get(k, 0.0) for k, v in tot.items()}
+        self._prev = tot
+        return {
+            M.JUDGE_REQUESTS: tot.get("requests", 0.0), M.JUDGE_FAILURES: tot.get("failures", 0.0),
+            M.JUDGE_CACHE_HITS: tot.get("cache_hits", 0.0), M.JUDGE_RETRIES: tot.get("retries", 0.0),
+            M.JUDGE_CACHE_HIT_RATE: d.get("cache_hits", 0.0) / max(1.0, d.get("requests", 0.0)),
+            M.JUDGE_TURN_SCORE: d.get("turn_score_sum", 0.0) / max(1.0, d.get("turn_items", 0.0)),
+            M.JUDGE_OUTCOME_SCORE: d.get("outcome_score_sum", 0.0) / max(1.0, d.get("outcome_items", 0.0)),
+            M.JUDGE_THROUGHPUT: d.get("scored", 0.0) / d["model_s"] if d.get("model_s", 0.0) > 0 else 0.0,
+            M.TIME_JUDGE: d.get("wait_s", 0.0),
+        }
 
 
 class QuestionSampler:
@@ -146,9 +207,17 @@ class Trainer:
                 model_path, weight_store=self.weight_store, **generator_kwargs(cfg))
             for i in range(g.num)
         ]
+        j = cfg.judge
+        self.judges = [  # the judge model's actors, beside the env workers (judge.*)
+            ray.remote(JudgeActor).options(num_cpus=j.num_cpus, num_gpus=j.num_gpus, max_restarts=j.max_restarts,
+                                           max_task_retries=0).remote(str(Path(j.model_path).resolve()),
+                                                                      **judge_actor_kwargs(cfg))
+            for _ in range(j.num_actors if j.enabled else 0)]
+        judge = JudgeClient(self.judges, **judge_client_kwargs(cfg)) if self.judges else None
+        self.judge_counters = JudgeCounters()
         self.env_workers = [
             ray.remote(EnvWorker).options(num_cpus=cfg.env.num_cpus, max_restarts=cfg.env.max_restarts).remote(
-                str(data.index_dir), env_kwargs, step_latency_s=cfg.env.step_latency_s)
+                str(data.index_dir), env_kwargs, step_latency_s=cfg.env.step_latency_s, judge=judge)
             for _ in range(cfg.env.num_workers)
         ]
         self.queue = ray.remote(ReplayQueue).options(num_cpus=0).remote(**cfg.queue.queue_kwargs())
@@ -171,11 +240,12 @@ class Trainer:
                 loss_norm_len=cfg.generation.max_tokens_per_episode)
             for r in range(lc.num_ranks)
         ]
-        ray.get([x.ping.remote() for x in self.generators])
+        ray.get([x.ping.remote() for x in self.generators + self.judges])
         ray.get([x.get_version.remote() for x in self.learners])
         self.weight_sync = make_weight_sync(cfg, self.learners, self.generators, self.weight_store)  # learner.weight_sync
         self.restarts = RestartCounter({"generator": self.generators, "env_worker": self.env_workers,
-                                        "learner": self.learners, "rollout": self.rollouts, "queue": [self.queue]})
+                                        "learner": self.learners, "rollout": self.rollouts, "queue": [self.queue],
+                                        **({"judge": self.judges} if self.judges else {})})
         self.version = 0
         self.episode_counter = 0
         self.group_counter = 0
@@ -222,18 +292,26 @@ class Trainer:
         import ray
 
         res = ray.get(self.rollout.run.remote(
-            self.eval_questions, group_size=1, first_group_id=-(10**9), first_episode_id=-(10**9),
+            [{**q, "judge": False} for q in self.eval_questions], group_size=1, first_group_id=-(10**9), first_episode_id=-(10**9),
             params=self.sampling(greedy=greedy, seed=self.cfg.run.seed + 99), to_queue=False, tree=False))
         summary = summarize_episodes(res["episodes"])
         summary.update(multi_hop_summary(res["episodes"], self.eval_questions))  # {} without multi-hop questions
         log.info("eval %s: %s", label, {k: round(v, 3) for k, v in summary.items()})
         return summary
 
+    def judge_metrics(self) -> dict[str, float]:
+        """The step's ``judge/*`` metrics and ``perf/time/judge_s`` ({} without a judge)."""
+        import ray
+
+        if not self.judges:
+            return {}
+        return self.judge_counters.step(ray.get([w.judge_stats.remote() for w in self.env_workers]))
+
     def close(self) -> None:
         """Kill this run's actors and free its placement group; Ray itself stays up for the next run."""
         import ray
 
-        for handle in [*self.rollouts, *self.generators, *self.env_workers, *self.learners, self.queue,
+        for handle in [*self.rollouts, *self.generators, *self.env_workers, *self.judges, *self.learners, self.queue,
                        self.weight_store]:
             try:
                 ray.kill(handle, no_restart=True)

@@ -144,10 +144,30 @@ ROWS: list[tuple[str, list[Panel]]] = [
               [turnrl(M.QUEUE_LEARNER_IDLE, "learner idle fraction"),
                turnrl(M.QUEUE_PRODUCER_WAIT, "producer blocked s")], right_axis=["producer blocked s"]),
     ]),
+    ("Judge (generative reward model; judge.enabled)", [
+        Panel("Judge scores",
+              "Mean judge score in [0, 1] of the step's judged search turns and final answers, and the judge's "
+              "share of the rewards trained on (weight x score, per episode).",
+              [turnrl(M.JUDGE_TURN_SCORE, "turn score"), turnrl(M.JUDGE_OUTCOME_SCORE, "outcome score"),
+               turnrl(M.REWARD_JUDGE_TURN, "turn reward part"), turnrl(M.REWARD_JUDGE_OUTCOME, "outcome reward part")],
+              min=0),
+        Panel("Judge throughput and time",
+              "Prompts the judge model scores per second of its own compute (left), and the seconds per step "
+              "the env workers waited on it (right; compare with the rollout time).",
+              [turnrl(M.JUDGE_THROUGHPUT, "prompts/s"), turnrl(M.TIME_JUDGE, "judge wait s"),
+               turnrl(M.TIME_ROLLOUT, "rollout s")], right_axis=["judge wait s", "rollout s"], min=0),
+        Panel("Judge requests, cache hits and failures",
+              "Judge items per second: asked, answered from the env workers' cache, and scored 0 because the "
+              "judge failed or timed out, and batches sent again because their judge actor had died.",
+              [(f"rate({series(M.JUDGE_REQUESTS)}[$__rate_interval])", "{{run}} requests/s"),
+               (f"rate({series(M.JUDGE_CACHE_HITS)}[$__rate_interval])", "{{run}} cache hits/s"),
+               (f"rate({series(M.JUDGE_FAILURES)}[$__rate_interval])", "{{run}} failures/s"),
+               (f"rate({series(M.JUDGE_RETRIES)}[$__rate_interval])", "{{run}} retries/s")], min=0),
+    ]),
     ("Fault tolerance and cluster", [
         Panel("Actor restarts",
               "Ray restarts of the run's actors so far, by role (generators, env workers, learner ranks, "
-              "rollout worker, replay queue) and in total. A rising line means actors are crashing and being "
+              "rollout worker, replay queue, judge actors) and in total. A rising line means actors are crashing and being "
               "restarted (up to each role's max_restarts).",
               [turnrl(M.ACTOR_RESTARTS_ROLE.format(role=r), r) for r in M.ACTOR_ROLES]
               + [turnrl(M.ACTOR_RESTARTS, "total")], min=0),

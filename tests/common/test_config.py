@@ -5,6 +5,7 @@ import pytest
 from common.config import ConfigError, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[2]
+LOCAL = REPO / "deploy/configs/local.yaml"
 
 
 def test_local_yaml_loads_and_every_key_is_commented():
@@ -155,3 +156,38 @@ def test_kl_keys_are_live_only_with_a_coefficient(tmp_path):
         load_config(None, [f"algorithm.ref_model_path={tmp_path}"])
     with pytest.raises(ConfigError, match=r"`algorithm.kl_kind`.*k1, k2 or k3"):
         load_config(None, ["algorithm.kl_coef=0.1", "algorithm.kl_kind=k4"])
+
+
+@pytest.mark.parametrize(("overrides", "field", "rule"), [
+    (["judge.turn_weight=0.5"], "judge.turn_weight", "applies only with judge.enabled: true"),
+    (["judge.enabled=true"], "judge.turn_weight", "must be > 0 when the judge is enabled"),
+    (["judge.enabled=true", "judge.turn_weight=-1"], "judge.turn_weight", "must be >= 0"),
+    (["judge.enabled=true", "judge.turn_weight=1", "judge.temperature=0.7"], "judge.temperature",
+     "does not apply to judge.mode 'likelihood'"),
+    (["judge.enabled=true", "judge.outcome_weight=1", "judge.mode=generative", "judge.yes_token=oui"],
+     "judge.yes_token", "does not apply to judge.mode 'generative'"),
+    (["judge.enabled=true", "judge.turn_weight=1", "judge.mode=generative", "judge.max_batch_tokens=4096"],
+     "judge.max_batch_tokens", "applies only to judge.backend 'hf' in mode 'likelihood'"),
+    (["judge.enabled=true", "judge.turn_weight=1", "judge.mode=grm"], "judge.mode", "must be 'likelihood' or"),
+    (["judge.enabled=true", "judge.turn_weight=1", "judge.timeout_s=0"], "judge.timeout_s", "must be > 0"),
+    (["judge.enabled=true", "judge.turn_weight=1", "judge.max_batch_tokens=100"], "judge.max_batch_tokens",
+     "one prompt must fit a forward"),
+    (["faults.kill=[{actor: judge, index: 0, after_step: 0}]"], "faults.kill[0].actor", "needs judge.enabled"),
+    (["judge.enabled=true", "judge.turn_weight=1", "faults.kill=[{actor: judge, index: 1, after_step: 0}]"],
+     "faults.kill[0].index", "must be < 1"),
+])
+def test_judge_section_rules_name_the_field(overrides, field, rule):
+    with pytest.raises(ConfigError) as e:
+        load_config(LOCAL, overrides)
+    assert f"`{field}`" in str(e.value) and rule in str(e.value)
+
+
+def test_judge_section_turns_into_actor_and_client_arguments():
+    from learner.trainer import judge_actor_kwargs, judge_client_kwargs
+
+    cfg = load_config(LOCAL, ["judge.enabled=true", "judge.turn_weight=0.5", "judge.mode=generative",
+                              "judge.temperature=0.7", "judge.num_cpus=2", "judge.batch_size=8"])
+    a, c = judge_actor_kwargs(cfg), judge_client_kwargs(cfg)
+    assert a["mode"] == "generative" and a["temperature"] == 0.7 and a["torch_threads"] == 2
+    assert c["turn_weight"] == 0.5 and c["outcome_weight"] == 0.0 and c["batch_size"] == 8
+    assert c["turn_template"] is None  # the built-in template

@@ -12,7 +12,7 @@ from common.config import Config
 
 REPO = Path(__file__).resolve().parents[2]
 CONSUMERS = [p for d in ("actors", "learner", "env_workers", "common") for p in (REPO / d).rglob("*.py")
-             if p.name not in ("config_sections.py",)]
+             if p.name not in ("config_sections.py", "config_judge.py")]
 
 
 def _code_without_comments() -> str:

@@ -116,6 +116,9 @@ def cluster_run(tiny_policy):
             "eval.before_training=false",
             "generation.max_tokens_per_turn=16", "metrics.host=127.0.0.1", f"metrics.discovery_dir={targets_dir}",
             f"metrics.linger_s={6 if prom_bin else 0}",
+            # a judge actor beside the env worker (the tiny random policy as its model), so the dashboard's judge row has data
+            "judge.enabled=true", f"judge.model_path={tiny_policy}", "judge.turn_weight=0.2", "judge.outcome_weight=0.2",
+            "judge.num_cpus=0.5",
         ]
         result["t_submit"] = time.time()
         sub = subprocess.run(

@@ -1,18 +1,25 @@
-"""Tests of the LLM judge hook (env_workers.judge): score parser, plumbing through a tiny real model,
-and the ``judge`` rubric term in EnvWorker."""
+"""The judge's text side (env_workers.judge: score parser, prompts, verdict maths) and its model
+(env_workers.judge_model.JudgeActor) on a tiny real model, in both modes."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from env_workers.demo_data import load_questions
-from env_workers.judge import JudgeActor, LLMJudge, judge_component, parse_score
-from env_workers.worker import EnvWorker
+from env_workers.judge import (
+    OUTCOME_TEMPLATE,
+    TURN_TEMPLATE,
+    check_template,
+    judge_component,
+    likelihood_score,
+    parse_score,
+    prompt_ids,
+    render,
+    verdict_ids,
+)
+from env_workers.judge_model import JudgeActor
 
 
 @pytest.mark.parametrize(
@@ -71,101 +78,77 @@ def test_judge_component() -> None:
     assert judge_component(float("nan"), 1.0) == {"judge": 0.0}
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tiny_policy: Path) -> Path:
-    """The suite's random tiny Qwen2 + BPE tokenizer (tests/conftest.py), a local model directory."""
-    return tiny_policy
+def test_likelihood_score_is_the_renormalised_verdict_probability() -> None:
+    assert likelihood_score(math.log(0.3), math.log(0.1)) == pytest.approx(0.75)
+    assert likelihood_score(-1.0, -1.0) == pytest.approx(0.5)
+    assert likelihood_score(float("-inf"), -2.0) == 0.0 and likelihood_score(-2.0, float("-inf")) == 1.0
+    assert likelihood_score(float("-inf"), float("-inf")) == 0.0
+    assert likelihood_score(-1000.0, 0.0) == 0.0  # no overflow
 
 
-@pytest.fixture(scope="module")
-def tiny_judge(tiny_model_dir: Path) -> LLMJudge:
-    from actors.engine import HFEngine
-    from common.modeling import load_model, load_tokenizer
+def test_prompt_is_rendered_bounded_and_literal(tiny_policy: Path) -> None:
+    from common.modeling import load_tokenizer
 
-    tok = load_tokenizer(tiny_model_dir)
-    return LLMJudge(HFEngine(load_model(tiny_model_dir), tok), tok, max_new_tokens=4, max_prompt_tokens=512)
-
-
-def test_judge_with_a_tiny_real_model_returns_one_valid_score_per_item(tiny_judge: LLMJudge) -> None:
-    items = [
-        {"question": "Who wrote Hamlet?", "answers": ["Shakespeare"], "response": "Shakespeare"},
-        {"question": "Capital of France?", "answers": ["Paris"], "response": "{not json} </answer> \x00"},
-        {"question": "", "answers": [], "response": "x" * 50_000},
-    ]
-    scores = tiny_judge.score_outcomes(items)
-    assert len(scores) == 3 and all(0.0 <= s <= 1.0 for s in scores)
-    turns = tiny_judge.score_turns([{"question": "q", "action": "<tool>{}</tool>", "observation": "<result>r</result>"}])
-    assert len(turns) == 1 and 0.0 <= turns[0] <= 1.0
-    assert tiny_judge.failures == 0 and tiny_judge.calls == 2
-    assert tiny_judge.score_outcomes([]) == []
-
-
-def test_prompt_is_rendered_and_bounded(tiny_judge: LLMJudge) -> None:
-    text = tiny_judge.render(tiny_judge.outcome_template,
-                             {"question": "Q?", "answers": ["A", "a2"], "response": "{question} " + "y" * 5000})
-    assert "Question: Q?" in text and "A; a2" in text and text.rstrip().endswith("Score:")
+    tok = load_tokenizer(tiny_policy)
+    text = render(OUTCOME_TEMPLATE, {"question": "Q?", "answers": ["A", "a2"], "response": "{question} " + "y" * 5000},
+                  max_field_chars=300)
+    assert "Question: Q?" in text and "Reference answer: A; a2" in text and text.endswith("Answer yes or no.")
     assert "{question} " in text  # braces in model output stay literal
-    assert len(text) < 2000 + 600
-    assert len(tiny_judge._prompt_ids(text)) <= tiny_judge.max_prompt_tokens
+    assert len(text) < 300 + len(OUTCOME_TEMPLATE) + 20
+    assert render(TURN_TEMPLATE, {}, 10).startswith("Search result: \nQuestion: \n")  # missing fields are empty
+    ids = prompt_ids(tok, text, max_prompt_tokens=40)
+    assert len(ids) == 40 and ids == prompt_ids(tok, text, 10_000)[-40:]  # the tail (the instruction) is kept
 
 
-class _TextBackend:
-    """A generator backend that replies with fixed texts, encoded by the real tokenizer."""
+def test_bad_templates_and_verdicts_are_rejected(tiny_policy: Path) -> None:
+    from common.modeling import load_tokenizer
 
-    def __init__(self, tokenizer: Any, replies: list[str]) -> None:
-        self.tokenizer, self.replies = tokenizer, replies
-
-    def generate(self, prompts: list[list[int]], params: Any, max_new_tokens: list[int] | None = None) -> list[list[int]]:
-        return [self.tokenizer.encode(self.replies[i % len(self.replies)], add_special_tokens=False)
-                for i in range(len(prompts))]
-
-
-class _FailingBackend:
-    def generate(self, prompts: list[list[int]], params: Any, max_new_tokens: list[int] | None = None) -> list:
-        raise RuntimeError("backend down")
-
-
-def test_replies_go_through_decode_and_parser(tiny_judge: LLMJudge) -> None:
-    judge = LLMJudge(_TextBackend(tiny_judge.tokenizer, [" 0.5", "Score: 1", "no"]), tiny_judge.tokenizer)
-    assert judge.score_outcomes([{"question": "q"}] * 3) == [0.5, 1.0, 0.0]
-    failing = LLMJudge(_FailingBackend(), tiny_judge.tokenizer)
-    assert failing.score_outcomes([{"question": "q"}] * 2) == [0.0, 0.0] and failing.failures == 1
-
-
-def test_bad_templates_are_rejected(tiny_judge: LLMJudge) -> None:
     with pytest.raises(ValueError, match="unknown placeholder"):
-        LLMJudge(None, tiny_judge.tokenizer, outcome_template="{question} {secret}")
+        check_template("{question} {secret}", frozenset({"question"}), "judge.outcome_template")
     with pytest.raises(ValueError, match="outcome_template"):
-        LLMJudge(None, tiny_judge.tokenizer, outcome_template="{question")
+        check_template("{question", frozenset({"question"}), "judge.outcome_template")
+    tok = load_tokenizer(tiny_policy)
+    with pytest.raises(ValueError, match="different tokens"):
+        verdict_ids(tok, "yes", "yes")
 
 
-def test_judge_actor_class_loads_a_model_dir(tiny_model_dir: Path, tmp_path: Path) -> None:
-    actor = JudgeActor(str(tiny_model_dir), max_new_tokens=3)
-    assert actor.ping()
-    [s] = actor.score_outcomes([{"question": "q", "answers": ["a"], "response": "a"}])
-    assert 0.0 <= s <= 1.0
+@pytest.fixture(scope="module")
+def likelihood_judge(tiny_policy: Path) -> JudgeActor:
+    return JudgeActor(str(tiny_policy), mode="likelihood", max_batch_tokens=2048)
+
+
+def test_likelihood_mode_equals_one_full_forward_per_prompt(likelihood_judge: JudgeActor) -> None:
+    """Batched, right-padded, sorted scoring gives each prompt the score of its own unpadded forward."""
+    import torch
+
+    j = likelihood_judge
+    prompts = ["Question: who?\nSearch result: Karo Velmin is a baker.", "short", "x " * 200,
+               render(TURN_TEMPLATE, {"question": "Where is Karo from?", "observation": "Ralomek"}, 100)]
+    got = j.score(prompts)
+    assert len(got["scores"]) == 4 and got["seconds"] > 0
+    for p, s in zip(prompts, got["scores"]):
+        ids = torch.tensor([prompt_ids(j.tokenizer, p, j.max_prompt_tokens)])
+        with torch.no_grad():
+            logp = torch.log_softmax(j.model(input_ids=ids).logits[0, -1].float(), -1)
+        assert s == pytest.approx(likelihood_score(float(logp[j.yes_id]), float(logp[j.no_id])), abs=1e-5)
+    assert j.score(prompts[1:2])["scores"][0] == pytest.approx(got["scores"][1], abs=1e-6)  # batch-independent
+    assert j.score([]) == {"scores": [], "seconds": pytest.approx(0.0, abs=1.0)}
+    assert j.stats()["scored"] == 5.0
+
+
+def test_generative_mode_parses_untrusted_replies_reproducibly(tiny_policy: Path) -> None:
+    j = JudgeActor(str(tiny_policy), mode="generative", max_new_tokens=6, temperature=1.0)
+    prompts = ["Who wrote Hamlet? Answer yes or no.", "{not json} </answer> \x00", "x" * 50_000]
+    a, b = j.score(prompts)["scores"], j.score(prompts)["scores"]
+    assert a == b and len(a) == 3 and all(0.0 <= s <= 1.0 for s in a)  # seeded by the prompt
+    replies = j.replies(prompts)
+    assert [parse_score(r) for r in replies] == a  # the score is what the parser reads from the critique
+
+
+def test_judge_actor_rejects_bad_settings(tiny_policy: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="config.json"):
         JudgeActor(str(tmp_path))  # a directory without a model
-
-
-def test_env_worker_adds_judge_terms(tiny_judge: LLMJudge, demo_index_dir: Path, demo_paths: dict) -> None:
-    q = next(q for q in load_questions(demo_paths["eval"], limit=100) if q["hops"] == 1)
-    judge = LLMJudge(_TextBackend(tiny_judge.tokenizer, ["Score: 0.5"]), tiny_judge.tokenizer)
-    w = EnvWorker(str(demo_index_dir), {"max_turns": 2}, judge=judge, judge_outcome_weight=0.4, judge_turn_weight=0.2)
-    w.reset(["e"], [q])
-    tool = "<reasoning>r</reasoning><tool>" + json.dumps({"name": "wiki_search", "args": {"query": q["chain"][0]}}) + "</tool>"
-    [r1] = w.step(["e"], [tool])
-    assert r1.turn_reward["judge"] == pytest.approx(0.1) and r1.info["judge_turn_score"] == 0.5
-    [r2] = w.step(["e"], [f"<reasoning>r</reasoning><answer>{q['answers'][0]}</answer>"])
-    assert r2.done and r2.outcome_reward["judge"] == pytest.approx(0.2)
-    assert r2.turn_reward["judge"] == 0.0 and r2.outcome_reward["exact_match"] == 1.0
-    # A failing judge scores 0 and the step still succeeds.
-    broken = EnvWorker(str(demo_index_dir), {"max_turns": 2}, judge=LLMJudge(_FailingBackend(), tiny_judge.tokenizer),
-                       judge_outcome_weight=1.0)
-    broken.reset(["e"], [q])
-    [r] = broken.step(["e"], ["<answer>x</answer>"])
-    assert r.done and r.outcome_reward["judge"] == 0.0
-    # Without a judge nothing changes.
-    plain = EnvWorker(str(demo_index_dir), {"max_turns": 2}, judge_outcome_weight=1.0)
-    plain.reset(["e"], [q])
-    assert "judge" not in plain.step(["e"], ["<answer>x</answer>"])[0].outcome_reward
+    with pytest.raises(ValueError, match="mode"):
+        JudgeActor(str(tiny_policy), mode="vibes")
+    with pytest.raises(ValueError, match="different tokens"):
+        JudgeActor(str(tiny_policy), yes_token="no")
