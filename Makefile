@@ -8,7 +8,7 @@ export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_DEDUP_LOGS ?= 1
 
-.PHONY: install train test test-slow test-vllm-cpu bench warmstart clean
+.PHONY: install train test test-slow test-vllm-cpu bench warmstart judge clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ bench: $(BENCH_STAMP)  ## speed measurements (and TRL, the peer of bench_step.py
 
 warmstart: install  ## regenerate deploy/warmstart deterministically (about 14 min, one core)
 	$(VENV)/bin/turnrl warmstart --config deploy/configs/local.yaml
+
+judge: install  ## regenerate the demo judge deploy/judge from deploy/warmstart deterministically (about 20 min, one core)
+	$(VENV)/bin/turnrl warmstart --config deploy/configs/local.yaml --judge
 
 clean:
 	rm -rf runs data
