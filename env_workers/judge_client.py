@@ -6,7 +6,8 @@ judge items of all its episodes (search turns and/or finished answers) into one
 :meth:`JudgeClient.score` call:
 
 1. every item is rendered into its prompt (:func:`env_workers.judge.render`); a prompt seen
-   before is answered from an LRU cache keyed by the hash of (kind, prompt text);
+   before is answered from an LRU cache keyed by the hash of (kind, prompt text), and a prompt
+   that occurs twice in one call (a group's identical searches) is scored once;
 2. the rest are split into batches of ``batch_size`` and spread over the judge actors
    (round robin), all in flight at once;
 3. a batch whose judge actor died or is restarting is sent again (counted in ``retries``) while
@@ -88,7 +89,7 @@ class JudgeClient:
                     self._cache.popitem(last=False)
         c = self.counts
         c["requests"] += len(items)
-        c["cache_hits"] += len(items) - sum(len(v) for v in todo.values())
+        c["cache_hits"] += len(items) - len(todo)  # from the cache, or the same prompt earlier in this call
         c["wait_s"] += time.perf_counter() - t0
         out = [float(s or 0.0) for s in scores]
         for (kind, _), s in zip(items, out):
