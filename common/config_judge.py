@@ -30,7 +30,7 @@ class JudgeConfig:
     max_batch_tokens: int = 16384  # hf likelihood: padded prompt tokens per forward (bounds activation memory)
     timeout_s: float = 60.0  # a judge call not answered within this many seconds scores 0 (judge/failures/total); the step goes on
     cache_size: int = 100000  # judge scores kept per env worker, keyed by the hash of (kind, rendered prompt); 0: no cache
-    turn_weight: float = 0.0  # weight x score enters the turn reward of every search turn as component `judge`
+    turn_weight: float = 0.5  # weight x score enters the turn reward of every search turn as component `judge` (the rubric's answer-in-result weight; set env.rewards.result_contains_answer: 0 to replace that term)
     outcome_weight: float = 0.0  # weight x score enters the outcome reward of every finished episode as component `judge`
     turn_template: str | None = None  # judge prompt for a search turn, placeholders {question} {action} {observation} {answers}; null: env_workers.judge.TURN_TEMPLATE
     outcome_template: str | None = None  # judge prompt for a final answer, placeholders {question} {answers} {response}; null: env_workers.judge.OUTCOME_TEMPLATE

@@ -159,12 +159,12 @@ def test_kl_keys_are_live_only_with_a_coefficient(tmp_path):
 
 
 @pytest.mark.parametrize(("overrides", "field", "rule"), [
-    (["judge.turn_weight=0.5"], "judge.turn_weight", "applies only with judge.enabled: true"),
-    (["judge.enabled=true"], "judge.turn_weight", "must be > 0 when the judge is enabled"),
+    (["judge.turn_weight=0.7"], "judge.turn_weight", "applies only with judge.enabled: true"),
+    (["judge.enabled=true", "judge.turn_weight=0"], "judge.turn_weight", "must be > 0 when the judge is enabled"),
     (["judge.enabled=true", "judge.turn_weight=-1"], "judge.turn_weight", "must be >= 0"),
     (["judge.enabled=true", "judge.turn_weight=1", "judge.temperature=0.7"], "judge.temperature",
      "does not apply to judge.mode 'likelihood'"),
-    (["judge.enabled=true", "judge.outcome_weight=1", "judge.mode=generative", "judge.yes_token=oui"],
+    (["judge.enabled=true", "judge.mode=generative", "judge.yes_token=oui"],
      "judge.yes_token", "does not apply to judge.mode 'generative'"),
     (["judge.enabled=true", "judge.turn_weight=1", "judge.mode=generative", "judge.max_batch_tokens=4096"],
      "judge.max_batch_tokens", "applies only to judge.backend 'hf' in mode 'likelihood'"),
@@ -180,6 +180,11 @@ def test_judge_section_rules_name_the_field(overrides, field, rule):
     with pytest.raises(ConfigError) as e:
         load_config(LOCAL, overrides)
     assert f"`{field}`" in str(e.value) and rule in str(e.value)
+
+
+def test_enabling_the_judge_alone_scores_search_turns():
+    cfg = load_config(LOCAL, ["judge.enabled=true"])  # `turnrl train ... judge.enabled=true` is a valid run
+    assert cfg.judge.turn_weight == 0.5 and cfg.judge.outcome_weight == 0.0
 
 
 def test_judge_section_turns_into_actor_and_client_arguments():
