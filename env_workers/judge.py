@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 TURN_TEMPLATE = (
     "Search result: {observation}\n"
     "Question: {question}\n"
-    "Does this search result help answer the question? Answer yes or no."
+    "Search: {action}\n"
+    "Does this search help answer the question? Answer yes or no."
 )
 OUTCOME_TEMPLATE = (
     "Question: {question}\n"

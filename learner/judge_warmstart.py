@@ -5,8 +5,10 @@
 and it can already copy names, the skill that judging needs) and learns two questions on the
 demo data, asked with the built-in templates of :mod:`env_workers.judge`:
 
-* turn: "Does this search result help answer the question?" (the question and the search result,
-  *without* the gold answer). Label: the rubric's ``result_contains_answer`` of that search.
+* turn: "Does this search help answer the question?" (the search result, the question and the
+  search action, *without* the gold answer). Label: the rubric's ``result_contains_answer`` of that
+  search. The action comes last, right after the question: the name in the question and the name in
+  the query then sit at a fixed distance, the geometry the policy already copies across.
 * outcome: "Is the candidate answer correct?" (question, reference answer, candidate). Label: the
   rubric's exact match.
 
@@ -30,7 +32,7 @@ from typing import Any
 import torch
 
 from common.config import Config
-from common.modeling import SPECIAL_TOKENS, load_model, load_tokenizer
+from common.modeling import load_model, load_tokenizer
 from env_workers.demo_data import load_questions
 from env_workers.env import DEFAULT_SYSTEM_PROMPT, WikiSearchEnv
 from env_workers.index import BM25Index
@@ -40,12 +42,10 @@ from learner.warmstart import THINK_ANSWER, THINK_SEARCH, _domains, sft, tool_ca
 
 log = logging.getLogger(__name__)
 
-JUDGE_STEPS = 1500
+JUDGE_STEPS = 600
 JUDGE_LR = 1e-3
 JUDGE_BATCH = 32
-JUDGE_COPY_BATCH = 16  # copy-task sequences per step (learner.warmstart.copy_loss): keeps the copying circuits alive
-DUP_BATCH, DUP_SPAN = 32, 24  # duplicate-task sequences per step and their length (duplicate_loss)
-PROBE_EVERY = 250  # held-out accuracy logged every this many steps (judge.json keeps the curve)
+PROBE_EVERY = 100  # held-out accuracy logged every this many steps (judge.json keeps the curve)
 EXAMPLES_PER_KIND = 4000
 EVAL_PER_KIND = 400
 P_EXACT_QUERY, P_PART_QUERY = 0.45, 0.25  # else another person's name
@@ -60,28 +60,6 @@ def _near_miss(rng: random.Random, answer: str) -> str:
     c = answer[k]
     repl = str((int(c) + 1 + rng.randrange(8)) % 10) if c.isdigit() else ("x" if c != "x" else "y")
     return answer[:k] + repl + answer[k + 1:]
-
-
-def duplicate_loss(model, g: torch.Generator, *, batch: int, span: int, token_range: tuple[int, int],
-                   verdicts: tuple[int, int]) -> torch.Tensor:
-    """Dense supervision for the judge's core skill, "did this token occur before?":
-
-        ids = [x_1 .. x_span, p_1, v_1, .., p_span, v_span]       ids: [batch, 3 * span]
-        v_i = yes if p_i in {x_1 .. x_span} else no                loss = mean_i NLL(v_i | ids_<=p_i)
-
-    Half the probes ``p`` are drawn from ``x``. A judgement ("is the asked person the one in the result?",
-    "is the candidate the reference?") is one bit per prompt; this gives ``span`` bits per sequence.
-    """
-    yes, no = verdicts
-    x = torch.randint(token_range[0], token_range[1], (batch, span), generator=g)
-    inside = torch.rand(batch, span, generator=g) < 0.5
-    probes = torch.where(inside, x.gather(1, torch.randint(0, span, (batch, span), generator=g)),
-                         torch.randint(token_range[0], token_range[1], (batch, span), generator=g))
-    label = (probes.unsqueeze(2) == x.unsqueeze(1)).any(2)
-    v = torch.where(label, torch.full_like(probes, yes), torch.full_like(probes, no))
-    ids = torch.cat([x, torch.stack([probes, v], 2).reshape(batch, -1)], 1)
-    logits = model(input_ids=ids).logits[:, span + 2 * torch.arange(span)]  # [batch, span, V] at the probes
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), v.reshape(-1))
 
 
 def judge_examples(questions: list[dict], make_env, people: list[str], domains: dict[str, list[str]],
@@ -198,7 +176,6 @@ def build_judge(cfg: Config, out_dir: str | Path, *, steps: int = JUDGE_STEPS, t
     examples = _tokenised(items, tok, j.max_prompt_tokens, j.max_field_chars)
     log.info("judge SFT: %d items (%.0f%% positive), max %d tokens, %d steps", len(items),
              100 * sum(it["label"] for it in items) / len(items), max(len(e[0]) for e in examples), steps)
-    token_range = (len(SPECIAL_TOKENS), tok.vocab_size)
     eval_items = judge_examples(held_out, make_env, sorted({q["entity"] for q in held_out}), domains, EVAL_PER_KIND,
                                 cfg.run.seed + 1)
     curve: list[dict[str, float]] = []
@@ -209,13 +186,8 @@ def build_judge(cfg: Config, out_dir: str | Path, *, steps: int = JUDGE_STEPS, t
                                                           j.max_prompt_tokens, j.max_field_chars)})
             log.info("judge step %d: held-out %s", step, curve[-1])
 
-    def aux(m, g):
-        return duplicate_loss(m, g, batch=DUP_BATCH, span=DUP_SPAN, token_range=token_range,
-                              verdicts=verdict_ids(tok, "yes", "no"))
-
     losses = sft(model, examples, steps=steps, batch=JUDGE_BATCH, lr=JUDGE_LR, seed=cfg.run.seed,
-                 pad_id=tok.pad_token_id, copy_batch=JUDGE_COPY_BATCH, copy_range=token_range, aux_loss=aux,
-                 on_step=probe)
+                 pad_id=tok.pad_token_id, on_step=probe)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     train_s = time.time() - t0

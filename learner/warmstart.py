@@ -170,7 +170,7 @@ def copy_loss(model, g: torch.Generator, *, batch: int, span: int, token_range: 
 
 def sft(model, examples: list[tuple[list[int], list[float]]], *, steps: int, batch: int, lr: float, seed: int,
         pad_id: int, copy_batch: int = 0,
-        copy_range: tuple[int, int] = (0, 0), on_step=None, step_offset: int = 0, aux_loss=None) -> list[float]:
+        copy_range: tuple[int, int] = (0, 0), on_step=None, step_offset: int = 0) -> list[float]:
     """Next-token SFT on demonstrations; returns the curve of the action-token loss.
 
         loss = mean_{t in actions} NLL_t + copy_loss(copy_batch random sequences)   (if copy_batch > 0)
@@ -178,8 +178,7 @@ def sft(model, examples: list[tuple[list[int], list[float]]], *, steps: int, bat
     Batches are drawn from length buckets (short one-hop vs long two-hop conversations) so
     little compute goes to padding. The learning rate warms up for 50 steps and then stays
     constant, so a run of N steps is exactly the first N steps of a longer one.
-    ``on_step(step_offset + step, model)`` is called after every optimiser step (snapshots, probes);
-    ``aux_loss(model, g)``, if given, is one more term of every step's loss (the judge's duplicate task).
+    ``on_step(step_offset + step, model)`` is called after every optimiser step (snapshots, probes).
     """
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -207,8 +206,6 @@ def sft(model, examples: list[tuple[list[int], list[float]]], *, steps: int, bat
         action_loss = loss = torch.nn.functional.cross_entropy(head(hidden[:, :-1][act]), ids[:, 1:][act])
         if copy_batch:
             loss = loss + copy_loss(model, g, batch=copy_batch, span=COPY_SPAN, token_range=copy_range)
-        if aux_loss is not None:
-            loss = loss + aux_loss(model, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
