@@ -41,7 +41,7 @@ bench: $(BENCH_STAMP)  ## speed measurements (and TRL, the peer of bench_step.py
 warmstart: install  ## regenerate deploy/warmstart deterministically (about 14 min, one core)
 	$(VENV)/bin/turnrl warmstart --config deploy/configs/local.yaml
 
-judge: install  ## regenerate the demo judge deploy/judge from deploy/warmstart deterministically (about 20 min, one core)
+judge: install  ## regenerate the demo judge deploy/judge from deploy/warmstart deterministically (about 6 min, one core)
 	$(VENV)/bin/turnrl warmstart --config deploy/configs/local.yaml --judge
 
 clean:
