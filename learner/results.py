@@ -236,7 +236,7 @@ def wall_time_line(state: dict[str, Any], records: list[dict[str, Any]], cpus: i
 
 
 # paired besides every estimator against MT-GRPO: turn rewards under a critic; tree rollouts against merged rewards
-EXTRA_PAIRS = (("mt_ppo", "ppo"), ("tree_grpo_c4", "grpo_mr"), ("mt_grpo_judge", "mt_grpo"))
+EXTRA_PAIRS = (("mt_ppo", "ppo"), ("tree_grpo_c4", "grpo_mr"), ("mt_grpo_judge", "mt_grpo"), ("mt_grpo_judge_rubric", "mt_grpo"))
 HELD_OUT_TARGET = ("answer_in_result", 0.8)  # steps-to-target: the first held-out evaluation reaching it
 
 

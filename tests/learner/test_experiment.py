@@ -142,7 +142,8 @@ def test_shipped_experiment_config(tmp_path):
     assert not uncommented, f"keys without a comment: {uncommented}"
     exp = load_experiment(path)
     assert exp.tasks["two_turn"].estimators == ["grpo_or", "grpo_mr", "mt_grpo", "mt_grpo_l02", "gigpo", "mt_ppo",
-                                                "ppo", "tree_grpo_c4", "mt_grpo_judge"]
+                                                "ppo", "tree_grpo_c4", "mt_grpo_judge",
+                                                "mt_grpo_judge_rubric"]
     assert exp.variants["mt_grpo_l02"].overrides == {"algorithm.outcome_coef": 0.2}  # the seed's lambda
     judged = exp.variants["mt_grpo_judge"].overrides  # the judge's turn reward instead of the rubric's answer-in-result
     assert judged["judge.enabled"] is True and judged["env.rewards.result_contains_answer"] == 0.0
