@@ -42,6 +42,8 @@ OUTCOME_TEMPLATE = (
     "Candidate answer: {response}\n"
     "Is the candidate answer correct? Answer yes or no."
 )
+#: The built-in template of each kind of judge item.
+TEMPLATES = {"turn": TURN_TEMPLATE, "outcome": OUTCOME_TEMPLATE}
 OUTCOME_FIELDS = frozenset({"question", "answers", "response"})
 TURN_FIELDS = frozenset({"question", "action", "observation", "answers"})
 KINDS = ("turn", "outcome")

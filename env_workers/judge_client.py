@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Mapping, Sequence
 
-from env_workers.judge import KINDS, OUTCOME_FIELDS, OUTCOME_TEMPLATE, TURN_FIELDS, TURN_TEMPLATE, check_template, render
+from env_workers.judge import KINDS, OUTCOME_FIELDS, TEMPLATES, TURN_FIELDS, check_template, render
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class JudgeClient:
             raise ValueError(f"judge weights turn={turn_weight}, outcome={outcome_weight}: both >= 0, one > 0")
         if batch_size < 1 or timeout_s <= 0 or cache_size < 0 or max_field_chars < 1:
             raise ValueError("judge: batch_size >= 1, timeout_s > 0, cache_size >= 0, max_field_chars >= 1")
-        self.templates = {"turn": turn_template or TURN_TEMPLATE, "outcome": outcome_template or OUTCOME_TEMPLATE}
+        self.templates = {**TEMPLATES, **{k: t for k, t in (("turn", turn_template), ("outcome", outcome_template)) if t}}
         check_template(self.templates["turn"], TURN_FIELDS, "judge.turn_template")
         check_template(self.templates["outcome"], OUTCOME_FIELDS, "judge.outcome_template")
         self.judges = list(judges)
@@ -53,7 +53,6 @@ class JudgeClient:
         self.cache_size = cache_size
         self._cache: OrderedDict[bytes, float] = OrderedDict()
         self._next = 0  # round-robin position over the judges
-        self._last_local: Any = None
         self.counts = {"requests": 0, "cache_hits": 0, "scored": 0, "failures": 0, "retries": 0, "calls": 0,
                        "wait_s": 0.0,
                        "model_s": 0.0, **{f"{k}_items": 0 for k in KINDS}, **{f"{k}_score_sum": 0.0 for k in KINDS}}
@@ -120,11 +119,11 @@ class JudgeClient:
         pending: dict[Any, int] = {}
         for b, batch in enumerate(batches):
             try:
-                ref = self._submit(batch)
+                ref, reply = self._submit(batch)
                 if ref is not None:  # a Ray actor handle: collected below, under the timeout
                     pending[ref] = b
                 else:
-                    results[b] = self._checked(self._last_local, len(batch))
+                    results[b] = self._checked(reply, len(batch))
             except Exception:  # noqa: BLE001 - a judge failure scores 0, never fails the step
                 log.exception("judge call failed on %d prompts; scoring them 0", len(batch))
         if pending:
@@ -139,16 +138,15 @@ class JudgeClient:
                 out.extend(res)
         return out
 
-    def _submit(self, batch: list[str]) -> Any:
-        """Send one batch to the next judge: an object ref for a Ray actor, else ``None`` (the reply is kept)."""
+    def _submit(self, batch: list[str]) -> tuple[Any, Any]:
+        """Send one batch to the next judge: ``(object ref, None)`` for a Ray actor, ``(None, reply)`` for a local one."""
         judge = self.judges[self._next % len(self.judges)]
         self._next += 1
         self.counts["calls"] += 1
         fn = judge.score
         if hasattr(fn, "remote"):
-            return fn.remote(batch)
-        self._last_local = fn(batch)
-        return None
+            return fn.remote(batch), None
+        return None, fn(batch)
 
     def _collect(self, pending: dict[Any, int], batches: list[list[str]], results: list, deadline: float) -> None:
         import ray
@@ -167,7 +165,7 @@ class JudgeClient:
                     if deadline - time.monotonic() > 0.3:
                         self.counts["retries"] += 1
                         time.sleep(0.25)
-                        pending[self._submit(batches[b])] = b
+                        pending[self._submit(batches[b])[0]] = b
                     else:
                         log.warning("judge actor unavailable; %d prompts score 0", len(batches[b]))
                 except Exception:  # noqa: BLE001 - an error in the judge itself

@@ -33,6 +33,46 @@ BACKENDS = ("hf", "vllm")
 MODES = ("likelihood", "generative")
 
 
+def likelihood_scores(model: Any, ids: list[list[int]], yes_id: int, no_id: int, *, pad_id: int = 0,
+                      max_batch_tokens: int = 16384, device: str = "cpu") -> list[float]:
+    """Likelihood-mode scores of token-id prompts with a Hugging Face causal LM (no gradient):
+
+        s_b = sigmoid(log p(yes | ids_b) - log p(no | ids_b))          ids: B prompts, one score each
+
+    Batches of similar length, right-padded, at most ``max_batch_tokens`` padded tokens each:
+    ``logits[b, len_b - 1]`` is the next-token distribution after prompt b (real tokens keep their
+    positions; later padding cannot reach them causally), and the LM head runs only there.
+    """
+    import torch
+
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = [0.0] * len(ids)
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    was_training = model.training
+    model.eval()
+    start = 0
+    while start < len(order):
+        stop = start + 1  # grow the batch while rows x width stays in budget (sorted: the last is widest)
+        while stop < len(order) and (stop + 1 - start) * len(ids[order[stop]]) <= max_batch_tokens:
+            stop += 1
+        rows = order[start:stop]
+        width = len(ids[rows[-1]])
+        x = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            x[r, : len(ids[i])] = torch.tensor(ids[i])
+            attn[r, : len(ids[i])] = 1
+        last = torch.tensor([len(ids[i]) - 1 for i in rows], device=device)
+        with torch.no_grad():
+            hidden = decoder(input_ids=x.to(device), attention_mask=attn.to(device)).last_hidden_state
+            logp = torch.log_softmax(head(hidden[torch.arange(len(rows), device=device), last]).float(), -1)
+        for r, i in enumerate(rows):
+            out[i] = likelihood_score(float(logp[r, yes_id]), float(logp[r, no_id]))
+        start = stop
+    model.train(was_training)
+    return out
+
+
 class JudgeActor:
     """Loads a local model directory and scores judge prompts (wrap with ``ray.remote``)."""
 
@@ -116,34 +156,8 @@ class JudgeActor:
     # ------------------------------------------------------------------ backends
 
     def _likelihood_hf(self, ids: list[list[int]]) -> list[float]:
-        """Batches of similar length, right-padded: ``logits[b, len_b - 1]`` is the next-token distribution
-        after prompt b (real tokens keep their positions; later padding cannot reach them causally)."""
-        import torch
-
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        out = [0.0] * len(ids)
-        decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
-        pad = self.tokenizer.pad_token_id or 0
-        start = 0
-        while start < len(order):
-            stop = start + 1  # grow the batch while rows x width stays in budget (sorted: the last is widest)
-            while stop < len(order) and (stop + 1 - start) * len(ids[order[stop]]) <= self.max_batch_tokens:
-                stop += 1
-            rows = order[start:stop]
-            width = len(ids[rows[-1]])
-            x = torch.full((len(rows), width), pad, dtype=torch.long)
-            attn = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):
-                x[r, : len(ids[i])] = torch.tensor(ids[i])
-                attn[r, : len(ids[i])] = 1
-            last = torch.tensor([len(ids[i]) - 1 for i in rows])
-            with torch.no_grad():
-                hidden = decoder(input_ids=x.to(self.device), attention_mask=attn.to(self.device)).last_hidden_state
-                logp = torch.log_softmax(head(hidden[torch.arange(len(rows)), last.to(self.device)]).float(), -1)
-            for r, i in enumerate(rows):
-                out[i] = likelihood_score(float(logp[r, self.yes_id]), float(logp[r, self.no_id]))
-            start = stop
-        return out
+        return likelihood_scores(self.model, ids, self.yes_id, self.no_id, pad_id=self.tokenizer.pad_token_id or 0,
+                                 max_batch_tokens=self.max_batch_tokens, device=self.device)
 
     def _likelihood_vllm(self, ids: list[list[int]]) -> list[float]:
         """vLLM: the prompt log-prob of each verdict token appended to the prompt (``prompt_logprobs=0`` returns the

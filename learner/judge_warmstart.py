@@ -36,7 +36,7 @@ from common.modeling import load_model, load_tokenizer
 from env_workers.demo_data import load_questions
 from env_workers.env import DEFAULT_SYSTEM_PROMPT, WikiSearchEnv
 from env_workers.index import BM25Index
-from env_workers.judge import OUTCOME_TEMPLATE, REPLIES, TURN_TEMPLATE, likelihood_score, prompt_ids, render, verdict_ids
+from env_workers.judge import REPLIES, TEMPLATES, prompt_ids, render, verdict_ids
 from env_workers.prepare import prepare_data
 from learner.warmstart import THINK_ANSWER, THINK_SEARCH, _domains, sft, tool_call
 
@@ -100,10 +100,9 @@ def judge_examples(questions: list[dict], make_env, people: list[str], domains: 
 def _tokenised(items: list[dict[str, Any]], tok, max_prompt_tokens: int, max_field_chars: int
                ) -> list[tuple[list[int], list[float]]]:
     """(prompt + reply + end-of-turn, loss mask on the reply) pairs."""
-    templates = {"turn": TURN_TEMPLATE, "outcome": OUTCOME_TEMPLATE}
     out = []
     for it in items:
-        p = prompt_ids(tok, render(templates[it["kind"]], it["fields"], max_field_chars), max_prompt_tokens)
+        p = prompt_ids(tok, render(TEMPLATES[it["kind"]], it["fields"], max_field_chars), max_prompt_tokens)
         reply = tok.encode(REPLIES[it["label"]], add_special_tokens=False) + [tok.eos_token_id]
         out.append((p + reply, [0.0] * len(p) + [1.0] * len(reply)))
     return out
@@ -111,18 +110,14 @@ def _tokenised(items: list[dict[str, Any]], tok, max_prompt_tokens: int, max_fie
 
 def _probe_accuracy(model, tok, items: list[dict[str, Any]], max_prompt_tokens: int, max_field_chars: int
                     ) -> dict[str, float]:
-    """Likelihood-mode accuracy per kind of the model being trained (one forward per item)."""
-    templates = {"turn": TURN_TEMPLATE, "outcome": OUTCOME_TEMPLATE}
-    yes, no = verdict_ids(tok, "yes", "no")
+    """Likelihood-mode accuracy per kind of the model being trained."""
+    from env_workers.judge_model import likelihood_scores
+
+    ids = [prompt_ids(tok, render(TEMPLATES[it["kind"]], it["fields"], max_field_chars), max_prompt_tokens) for it in items]
+    scores = likelihood_scores(model, ids, *verdict_ids(tok, "yes", "no"), pad_id=tok.pad_token_id or 0)
     right: dict[str, list[bool]] = {}
-    model.eval()
-    with torch.no_grad():
-        for it in items:
-            ids = prompt_ids(tok, render(templates[it["kind"]], it["fields"], max_field_chars), max_prompt_tokens)
-            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
-            right.setdefault(it["kind"], []).append((likelihood_score(float(logp[yes]), float(logp[no])) >= 0.5)
-                                                    == it["label"])
-    model.train()
+    for it, s in zip(items, scores):
+        right.setdefault(it["kind"], []).append((s >= 0.5) == it["label"])
     return {f"{k}_accuracy": sum(v) / len(v) for k, v in right.items()}
 
 
