@@ -248,6 +248,22 @@ METRICS.update({
     CRITIC_RETURN_MEAN: "Mean GAE return target R = A + V of the batch's turns",
     CRITIC_EXPLAINED_VARIANCE: "1 - Var(R - V) / Var(R) over the batch's turns (1: perfect critic)",
 })
+# --- tensor agents (kind: tensor; learner/tensor_driver.py) -----------------------------
+AGENT_SUCCESS = "rollout/success/rate"  # share of the step's episodes the env calls a success (arm: a basket)
+AGENT_STEPS = "rollout/env_steps/mean"  # env steps per episode
+AGENT_SUBGOAL = "rollout/subgoal/{name}/rate"  # arm: share of episodes that grasped / aimed at the hoop
+AGENT_ENV_ERRORS = "rollout/env_errors/total"  # env steps that raised (the episode ended unscored)
+EVAL_SUCCESS = "eval/success/rate"  # held-out success rate, sampled (eval.every_steps)
+EVAL_RETURN = "eval/return/mean"  # held-out mean of turn rewards + outcome per episode
+SUBGOALS = ("grasped", "aimed")  # the arm's sub-goal flags (env_workers/arm.py info)
+METRICS.update({
+    AGENT_SUCCESS: "Share of the step's trained episodes the tensor env reports as a success (the arm: a basket)",
+    AGENT_STEPS: "Mean env steps per trained episode of a tensor agent",
+    AGENT_ENV_ERRORS: "Tensor env steps that raised so far (each ended its episode unscored)",
+    EVAL_SUCCESS: "Held-out success rate of the tensor agent, sampled (eval.every_steps)",
+    EVAL_RETURN: "Held-out mean return (turn rewards + outcome) of the tensor agent (eval.every_steps)",
+    **{AGENT_SUBGOAL.format(name=n): f"Share of the step's trained arm episodes with the sub-goal {n}" for n in SUBGOALS},
+})
 for _role in ACTOR_ROLES:
     METRICS[ACTOR_RESTARTS_ROLE.format(role=_role)] = f"Ray restarts of this run's {_role} actors so far"
 for _k in range(8):

@@ -118,3 +118,89 @@ def components_to_dict(value: Any) -> dict[str, float]:
     if isinstance(value, dict):
         return {str(k): float(v) for k, v in value.items()}
     return {str(k): float(v) for k, v in value}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor agents (non-LLM policies: ``kind: tensor`` configs): one row per turn, a turn being one or more env
+# steps. The key columns above keep their meaning, so the replay queue treats both kinds of row alike; the token
+# columns are replaced by tensor columns, one element per env step of the turn.
+# ---------------------------------------------------------------------------------------------
+OBSERVATIONS = "observations"  # list<fixed_shape_tensor[obs_shape]>: the observation each step's action saw
+ACTIONS = "actions"  # list<fixed_shape_tensor[action_shape]>: the action taken at each step
+STEP_LOGPROBS = "step_logprobs"  # list<float32>: log-prob of each step's action under the generating weights
+STEP_REWARDS = "step_rewards"  # list<float32>: the env's reward after each step (summed per turn in turn_reward)
+
+TENSOR_KEY_COLUMNS = (RUN_ID, GROUP_ID, EPISODE_ID, PROMPT_ID, TURN_INDEX, POLICY_VERSION)
+TENSOR_TAIL_COLUMNS = (TURN_REWARD, TURN_REWARD_COMPONENTS, IS_LAST_TURN, OUTCOME_REWARD, OUTCOME_REWARD_COMPONENTS,
+                       TRUNCATED, GROUP_SIZE, T_START, T_END)
+
+
+def tensor_transition_schema(obs_shape: tuple[int, ...], action_shape: tuple[int, ...],
+                             action_dtype: str = "int64") -> pa.Schema:
+    """The per-turn row schema of a tensor agent whose observations are float32[*obs_shape] and actions
+    ``action_dtype``[*action_shape] (``int64`` [1] for a discrete action, ``float32`` [d] for a box).
+
+    The tensor columns are Arrow lists of the canonical ``arrow.fixed_shape_tensor`` extension type: row r's
+    list holds one tensor per env step of turn r, so ``column.combine_chunks().values.to_numpy_ndarray()``
+    is every step of the batch as one ``[steps, *shape]`` array without a copy.
+    """
+    if action_dtype not in ("int64", "float32"):
+        raise ValueError(f"action_dtype={action_dtype!r}: must be int64 (discrete) or float32 (box)")
+    if not obs_shape or not action_shape or min(obs_shape) < 1 or min(action_shape) < 1:
+        raise ValueError(f"obs_shape {obs_shape} and action_shape {action_shape} must be non-empty and positive")
+    by_name = {f.name: f for f in TRANSITION_SCHEMA}
+    obs_t = pa.fixed_shape_tensor(pa.float32(), list(obs_shape))
+    act_t = pa.fixed_shape_tensor(pa.int64() if action_dtype == "int64" else pa.float32(), list(action_shape))
+    return pa.schema([*(by_name[c] for c in TENSOR_KEY_COLUMNS),
+                      pa.field(OBSERVATIONS, pa.list_(obs_t)), pa.field(ACTIONS, pa.list_(act_t)),
+                      pa.field(STEP_LOGPROBS, pa.list_(pa.float32())), pa.field(STEP_REWARDS, pa.list_(pa.float32())),
+                      *(by_name[c] for c in TENSOR_TAIL_COLUMNS)])
+
+
+def _tensor_list(arrays: list[Any], list_type: pa.DataType) -> pa.Array:
+    """A ``list<fixed_shape_tensor>`` column from one ``[steps_r, *shape]`` numpy array per row."""
+    import numpy as np
+
+    value_type = list_type.value_type
+    shape = tuple(value_type.shape)
+    dtype = value_type.value_type.to_pandas_dtype()
+    parts = [np.asarray(a, dtype=dtype).reshape((-1, *shape)) for a in arrays]
+    offsets = np.zeros(len(parts) + 1, dtype=np.int32)
+    offsets[1:] = np.cumsum([len(p) for p in parts])
+    flat = np.concatenate(parts) if parts else np.zeros((0, *shape), dtype=dtype)
+    values = pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(flat))
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values, type=list_type)
+
+
+def tensor_rows_to_batch(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.RecordBatch:
+    """A RecordBatch of ``schema`` (:func:`tensor_transition_schema`) from row dicts; tensor columns hold one
+    ``[steps, *shape]`` array per row, every other column its scalar or map."""
+    missing = [c for c in schema.names if rows and c not in rows[0]]
+    if missing:
+        raise KeyError(f"tensor transition rows lack columns {missing}")
+    arrays = []
+    for f in schema:
+        values = [r[f.name] for r in rows]
+        if f.name in (OBSERVATIONS, ACTIONS):
+            arrays.append(_tensor_list(values, f.type))
+            continue
+        if pa.types.is_map(f.type):
+            values = [list(v.items()) for v in values]
+        elif pa.types.is_list(f.type):
+            values = [[float(x) for x in v] for v in values]
+        arrays.append(pa.array(values, type=f.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def tensor_column(table: pa.Table | pa.RecordBatch, name: str) -> tuple[Any, Any]:
+    """``(values [steps, *shape], offsets int[rows + 1])`` of a tensor column, as numpy arrays."""
+    col = table.column(name)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    values = col.values.to_numpy_ndarray() if len(col.values) else None
+    if values is None:
+        import numpy as np
+
+        t = col.type.value_type
+        values = np.zeros((0, *t.shape), dtype=t.value_type.to_pandas_dtype())
+    return values, col.offsets.to_numpy()

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from common.config import ConfigError, load_config
+from common.config_agent import config_kind, load_agent_config
 from learner.estimator_config import check_estimator_config
 
 log = logging.getLogger("turnrl")
@@ -55,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("train needs --config (or --resume RUN_DIR, which reads RUN_DIR/config.yaml)")
         args.config = str(Path(args.resume) / "config.yaml")
     try:
+        if config_kind(args.config) == "tensor":  # a non-LLM agent (common/config_agent.py)
+            if args.command != "train" or args.resume:
+                raise ConfigError(f"{args.config} is a tensor-agent config (kind: tensor): only `turnrl train "
+                                  "--config` without --resume runs it")
+            return _train_agent(load_agent_config(args.config, args.overrides), args.run_dir)
         cfg = load_config(args.config, args.overrides)
         if args.command == "train":
             check_estimator_config(cfg.algorithm)
@@ -91,6 +97,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # -- turnrl experiment ------------------------------------------------------------------------------
+def _train_agent(cfg, run_dir: str | None) -> int:
+    """``turnrl train`` of a ``kind: tensor`` config (learner/tensor_driver.py)."""
+    from learner.tensor_driver import train_agent
+
+    _setup_logging(cfg.run.log_level)
+    if run_dir:
+        cfg.run.run_dir = run_dir
+    try:
+        check_estimator_config(cfg.algorithm)
+        train_agent(cfg)
+    except (ConfigError, ValueError) as e:
+        print(f"turnrl: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``turnrl experiment`` arguments."""
     parser.add_argument("--config", default="deploy/configs/experiment.yaml", help="experiment YAML")
@@ -148,7 +170,12 @@ def run_experiment_command(args: argparse.Namespace, argv: list[str]) -> int:
         elog.info("experiment: trained %d, skipped %d (done), failed %d, in %.1f min", len(outcome.trained),
                  len(outcome.skipped), len(failed), outcome.wall_s / 60)
     if not args.no_report:
-        path = write_report(exp, runs, read_state(out_dir), os.cpu_count() or 0)
+        if config_kind(exp.base_config) == "tensor":  # the tensor-agent section of the report
+            from learner.agent_results import write_agent_report
+
+            path = write_agent_report(exp, runs, read_state(out_dir))
+        else:
+            path = write_report(exp, runs, read_state(out_dir), os.cpu_count() or 0)
         elog.info("report written to %s", path)
     if failed:
         elog.error("failed runs (rerun the same command to redo them): %s", ", ".join(failed))

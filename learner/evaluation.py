@@ -139,7 +139,8 @@ def plot_learning_curves(metrics_path: str | Path, out_path: str | Path,
             sm = [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
             ax.plot(xs, sm, lw=2)
         held_out = {M.ANSWER_IN_RESULT: M.EVAL_ANSWER_IN_RESULT, M.EXACT_MATCH: M.EVAL_EXACT_MATCH,
-                    M.TOOL_SUCCESS: M.EVAL_TOOL_SUCCESS}.get(key)
+                    M.TOOL_SUCCESS: M.EVAL_TOOL_SUCCESS, M.AGENT_SUCCESS: M.EVAL_SUCCESS,
+                    M.REWARD_TOTAL: M.EVAL_RETURN}.get(key)
         pts = [(r["step"], r[held_out]) for r in rows if held_out in r]  # eval.every_steps: the held-out curve
         if pts:
             ax.plot(*zip(*pts), "o-", lw=1.5, ms=3, color="black", label="held out")

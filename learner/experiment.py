@@ -35,6 +35,7 @@ from typing import Any, Callable
 import yaml
 
 from common.config import Config, ConfigError, _build, load_config
+from common.config_agent import AgentConfig, config_kind, load_agent_config
 from learner.credit import ESTIMATORS
 from learner.driver import train
 from learner.estimator_config import check_estimator_config
@@ -112,6 +113,14 @@ class ExperimentConfig:
                                       f"{sorted(ESTIMATORS)} or a name under `variants`")
             _check_overrides(spec.overrides, f"tasks.{task}.overrides")
         self.report.validate("report")
+        if Path(self.base_config).is_file() and config_kind(self.base_config) == "tensor":
+            if self.warm_start_baseline:
+                raise ConfigError("config field `warm_start_baseline` = true: a tensor-agent grid evaluates the initial "
+                                  "policy at step 0 of every run's curve; set it to false")
+            if self.report.readme is not None or self.report.smooth != ReportConfig().smooth:
+                raise ConfigError("config fields `report.readme` / `report.smooth` apply to LLM grids only (a "
+                                  "tensor-agent grid writes the '## Beyond LLMs' section of report.path); set "
+                                  "readme: null and leave smooth out")
 
 
 def _check_overrides(overrides: Any, where: str) -> None:
@@ -270,6 +279,15 @@ class Outcome:
     wall_s: float = 0.0
 
 
+def train_any(cfg: Config | AgentConfig) -> Any:
+    """``learner.driver.train`` for an LLM run, ``learner.tensor_driver.train_agent`` for a tensor agent."""
+    if isinstance(cfg, AgentConfig):
+        from learner.tensor_driver import train_agent
+
+        return train_agent(cfg)
+    return train(cfg)
+
+
 def run_grid(exp: ExperimentConfig, runs: list[RunSpec], *,
              train_fn: Callable[[Config], Any] | None = None) -> Outcome:
     """Train every run of ``runs`` that is not done, one after another in this process.
@@ -281,7 +299,7 @@ def run_grid(exp: ExperimentConfig, runs: list[RunSpec], *,
     """
     import ray
 
-    train_fn = train if train_fn is None else train_fn
+    train_fn = train_any if train_fn is None else train_fn
     configs = build_configs(exp, runs)
     owns_ray = not ray.is_initialized()
     out, t_start = Outcome(), time.time()
@@ -322,12 +340,14 @@ def run_grid(exp: ExperimentConfig, runs: list[RunSpec], *,
     return out
 
 
-def build_configs(exp: ExperimentConfig, runs: list[RunSpec]) -> dict[str, Config]:
-    """Every run's validated config by run name; a ``ConfigError`` names the run, the field and the rule."""
+def build_configs(exp: ExperimentConfig, runs: list[RunSpec]) -> dict[str, Config | AgentConfig]:
+    """Every run's validated config by run name; a ``ConfigError`` names the run, the field and the rule.
+    A ``kind: tensor`` base config makes every run a tensor-agent run (``common.config_agent``)."""
     configs = {}
+    load = load_agent_config if config_kind(exp.base_config) == "tensor" else load_config
     for spec in runs:
         try:
-            configs[spec.name] = load_config(exp.base_config, list(spec.overrides))
+            configs[spec.name] = load(exp.base_config, list(spec.overrides))
             check_estimator_config(configs[spec.name].algorithm)
         except ConfigError as e:
             raise ConfigError(f"run {spec.name}: {e}") from e

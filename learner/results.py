@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from common import metrics as M
+from learner.agent_results import old_section, replace_section
 from learner.curve_stats import bootstrap_ci, curve_area, paired_difference, steps_to_target
 from learner.evaluation import MULTI_HOP_KEYS
 from learner.experiment import WARM_START, ExperimentConfig, RunSpec
@@ -430,7 +431,9 @@ def write_report(exp: ExperimentConfig, runs: list[RunSpec], state: dict[str, An
     report, block = render(exp, records, state, figures, report_path, cpus, len(runs))
     old = report_path.read_text() if report_path.exists() else None
     report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(keep_discussion(old, report))
+    text = keep_discussion(old, report)
+    agent_section = old_section(old) if old else None  # the tensor-agent section (learner/agent_results.py) stays
+    report_path.write_text(replace_section(text, agent_section) if agent_section else text)
     if exp.report.readme:
         readme = Path(exp.report.readme)
         text = readme.read_text() if readme.exists() else ""

@@ -68,15 +68,19 @@ class ReplayQueue:
         memory_bytes: in-memory budget past which cold groups spill to Arrow IPC files; None = never.
         spill_dir: directory for spill files (a private temporary one if None).
         put_timeout_s: default put timeout in seconds; None = wait for room as long as it takes.
+        schema: the rows' Arrow schema: ``common.schema.TRANSITION_SCHEMA`` (token rows; the default) or a
+            ``common.schema.tensor_transition_schema`` (tensor agents).
     """
 
     def __init__(self, capacity_rows: int = 100_000, max_policy_lag: int = 1, *, capacity_bytes: int | None = None,
                  stale_mode: str = "drop", stale_decay: float = 0.5, memory_bytes: int | None = None,
-                 spill_dir: str | os.PathLike | None = None, put_timeout_s: float | None = None):
+                 spill_dir: str | os.PathLike | None = None, put_timeout_s: float | None = None,
+                 schema: pa.Schema | None = None):
         if _in_ray_actor():
             register_arrow_serializers()  # replies travel as Arrow IPC (see common.replay.wire)
         self.store = ReplayStore(capacity_rows, max_policy_lag, capacity_bytes=capacity_bytes, stale_mode=stale_mode,
-                                 stale_decay=stale_decay, memory_bytes=memory_bytes, spill_dir=spill_dir)
+                                 stale_decay=stale_decay, memory_bytes=memory_bytes, spill_dir=spill_dir,
+                                 schema=schema)
         self.put_timeout_s = put_timeout_s
         self._changed = asyncio.Condition()
         self._line: deque[object] = deque()  # producers waiting for room, first come first served
@@ -98,7 +102,7 @@ class ReplayQueue:
         dropped as duplicates). Raises ``TypeError`` on a schema mismatch and ``ValueError`` on
         inconsistent rows, storing nothing.
         """
-        put = prepare(batch)
+        put = prepare(batch, self.store.schema)
         if put is None:
             return 0
         new = self.store.new_groups(put)

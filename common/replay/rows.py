@@ -11,11 +11,11 @@ from common import schema as S
 
 _KEY_COLUMNS = (S.GROUP_ID, S.EPISODE_ID, S.TURN_INDEX, S.POLICY_VERSION, S.IS_LAST_TURN, S.GROUP_SIZE)
 MAX_TURN_INDEX = 4095  # turns per episode are few; the queue keeps a bitmask of the turns held per episode
-_KEY_INDEX = tuple(S.TRANSITION_SCHEMA.get_field_index(c) for c in _KEY_COLUMNS)
 
 
-def check_schema(batch: pa.RecordBatch | pa.Table) -> pa.RecordBatch:
-    """Return ``batch`` as one RecordBatch with exactly ``TRANSITION_SCHEMA``, or raise TypeError saying why not.
+def check_schema(batch: pa.RecordBatch | pa.Table, schema: pa.Schema | None = None) -> pa.RecordBatch:
+    """Return ``batch`` as one RecordBatch with exactly ``schema`` (default ``TRANSITION_SCHEMA``, the token
+    rows; ``common.schema.tensor_transition_schema`` for tensor agents), or raise TypeError saying why not.
 
     Columns in another order are reordered and schema metadata is ignored; missing, unexpected
     or mistyped columns are an error.
@@ -25,7 +25,7 @@ def check_schema(batch: pa.RecordBatch | pa.Table) -> pa.RecordBatch:
         batch = batch.to_batches()[0] if batch.num_rows else pa.RecordBatch.from_pylist([], schema=batch.schema)
     if not isinstance(batch, pa.RecordBatch):
         raise TypeError(f"the replay queue takes a pyarrow RecordBatch or Table, got {type(batch).__name__}")
-    expected = S.TRANSITION_SCHEMA
+    expected = S.TRANSITION_SCHEMA if schema is None else schema
     if batch.schema.equals(expected):  # the usual case
         return batch
     got = {f.name: f.type for f in batch.schema}
@@ -39,7 +39,7 @@ def check_schema(batch: pa.RecordBatch | pa.Table) -> pa.RecordBatch:
     problems += [f"column {f.name!r} has type {got[f.name]}, expected {f.type}"
                  for f in expected if f.name in got and not got[f.name].equals(f.type)]
     if problems:
-        raise TypeError("batch does not match common.schema.TRANSITION_SCHEMA: " + "; ".join(problems))
+        raise TypeError(f"batch does not match the queue's schema ({schema_name(expected)}): " + "; ".join(problems))
     return pa.RecordBatch.from_arrays(batch.select(list(expected.names)).columns, schema=expected)
 
 
@@ -67,9 +67,19 @@ class Put:
         return n, round(n * self.bytes_per_row)
 
 
-def prepare(batch: pa.RecordBatch | pa.Table) -> Put | None:
+def schema_name(schema: pa.Schema) -> str:
+    return "common.schema.TRANSITION_SCHEMA" if schema.equals(S.TRANSITION_SCHEMA) else "tensor_transition_schema"
+
+
+def key_index(schema: pa.Schema) -> tuple[int, ...]:
+    """Positions in ``schema`` of the columns the queue reads (every transition schema has them)."""
+    return tuple(schema.get_field_index(c) for c in _KEY_COLUMNS)
+
+
+def prepare(batch: pa.RecordBatch | pa.Table, schema: pa.Schema | None = None) -> Put | None:
     """Validate ``batch`` (schema, nulls, group sizes, turn indices) and order it by group; None if empty."""
-    batch = check_schema(batch)
+    batch = check_schema(batch, schema)
+    _KEY_INDEX = key_index(batch.schema)
     n = batch.num_rows
     if n == 0:
         return None

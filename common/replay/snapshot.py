@@ -23,7 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from common import schema as S
+from common.replay.rows import schema_name
 from common.replay.store import COUNTERS, ReplayStore
 from common.replay.wire import write_ipc_file
 
@@ -40,7 +40,7 @@ def write_snapshot(store: ReplayStore, path: str | os.PathLike) -> dict[str, Any
     d.mkdir(parents=True, exist_ok=True)
     groups = store._groups
     write_ipc_file(d / (ROWS_FILE + ".tmp"), (b for g in groups.values() for b in store._group_batches(g)),
-                   S.TRANSITION_SCHEMA)
+                   store.schema)
     os.replace(d / (ROWS_FILE + ".tmp"), d / ROWS_FILE)
     state = {
         "format": SNAPSHOT_FORMAT,
@@ -53,7 +53,7 @@ def write_snapshot(store: ReplayStore, path: str | os.PathLike) -> dict[str, Any
         "config": {"capacity_rows": store.capacity_rows, "capacity_bytes": store.capacity_bytes,
                    "max_policy_lag": store.max_policy_lag, "stale_mode": store.stale_mode,
                    "stale_decay": store.stale_decay, "memory_bytes": store.memory_bytes},
-        "schema": S.TRANSITION_SCHEMA.to_string(show_schema_metadata=False),
+        "schema": store.schema.to_string(show_schema_metadata=False),
     }
     tmp = d / (STATE_FILE + ".tmp")
     tmp.write_text(json.dumps(state, indent=1))
@@ -79,8 +79,8 @@ def load_snapshot(store: ReplayStore, path: str | os.PathLike) -> int:
     store._retired, store.learner_version = set(), None  # nothing is late or stale while loading
     with pa.OSFile(str(d / ROWS_FILE), "rb") as source:
         reader = pa.ipc.open_file(source)
-        if not reader.schema.equals(S.TRANSITION_SCHEMA):
-            raise TypeError(f"{d / ROWS_FILE}: schema differs from common.schema.TRANSITION_SCHEMA")
+        if not reader.schema.equals(store.schema):
+            raise TypeError(f"{d / ROWS_FILE}: schema differs from the queue's ({schema_name(store.schema)})")
         for i in range(reader.num_record_batches):  # one group per batch, in arrival order
             store.put(reader.get_batch(i))
     complete = {i for i, g in store._groups.items() if g.complete}

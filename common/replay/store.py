@@ -113,15 +113,17 @@ class ReplayStore:
         stale_decay: base of the staleness weight in "reweight" mode, in (0, 1].
         memory_bytes: in-memory budget; past it, cold groups are spilled to Arrow IPC files. None = never spill.
         spill_dir: where spill files go (a private temporary directory if None).
+        schema: the rows' Arrow schema (default ``common.schema.TRANSITION_SCHEMA``).
     """
 
     def __init__(self, capacity_rows: int = 100_000, max_policy_lag: int = 1, *, capacity_bytes: int | None = None,
                  stale_mode: str = "drop", stale_decay: float = 0.5, memory_bytes: int | None = None,
-                 spill_dir: str | os.PathLike | None = None):
+                 spill_dir: str | os.PathLike | None = None, schema: pa.Schema | None = None):
         for name, value, rule in queue_setting_errors(
                 capacity_rows=capacity_rows, max_policy_lag=max_policy_lag, capacity_bytes=capacity_bytes,
                 stale_mode=stale_mode, stale_decay=stale_decay, memory_bytes=memory_bytes)[:1]:
             raise ValueError(f"{name}={value!r}: {rule}")
+        self.schema = S.TRANSITION_SCHEMA if schema is None else schema  # the rows' schema (token or tensor rows)
         self.capacity_rows = capacity_rows
         self.capacity_bytes = capacity_bytes
         self.max_policy_lag = max_policy_lag
@@ -149,7 +151,7 @@ class ReplayStore:
     # -- put --------------------------------------------------------------------------------
     def put(self, batch: pa.RecordBatch | pa.Table) -> int:
         """Validate and store ``batch`` (no capacity check: that is the actor's job); return rows stored."""
-        return self.commit(prepare(batch))
+        return self.commit(prepare(batch, self.schema))
 
     def new_groups(self, put: Put) -> list[int]:
         """Positions in ``put`` of groups it would open (neither held nor retired): capacity applies to these."""
@@ -329,7 +331,7 @@ class ReplayStore:
         group_rows = np.array([g.rows for g in taken], dtype=np.int64)
         for g in taken:
             self._discard(g)
-        table = pa.Table.from_batches(batches, schema=S.TRANSITION_SCHEMA).combine_chunks()
+        table = pa.Table.from_batches(batches, schema=self.schema).combine_chunks()
         lags = current_version - table.column(S.POLICY_VERSION).to_numpy()
         self.last_lag_mean = float(lags.mean())
         self.last_lag_max = int(lags.max())
@@ -413,7 +415,7 @@ class ReplayStore:
                 self._spill_dir.mkdir(parents=True, exist_ok=True)
         self._spill_seq += 1
         path = self._spill_dir / f"{self._spill_prefix}-g{g.group_id}-{self._spill_seq}.arrow"
-        write_ipc_file(path, g.chunks, S.TRANSITION_SCHEMA)
+        write_ipc_file(path, g.chunks, self.schema)
         rows, nbytes = sum(b.num_rows for b in g.chunks), g.mem_bytes
         g.files.append(_SpillFile(path, rows, nbytes))
         g.chunks, g.mem_bytes = [], 0
@@ -425,7 +427,7 @@ class ReplayStore:
         """A group's rows in arrival order (spilled files are read, not removed)."""
         out = []
         for f in g.files:
-            out += read_ipc_file(f.path, S.TRANSITION_SCHEMA)
+            out += read_ipc_file(f.path, self.schema)
         return out + g.chunks
 
     def close(self) -> None:
