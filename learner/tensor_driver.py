@@ -29,6 +29,7 @@ from common import metrics as M
 from common import schema as S
 from common.config import save_config
 from common.config_agent import AgentConfig
+from common.config_sections import ConfigError
 from common.replay_queue import ReplayQueue, register_arrow_serializers
 from env_workers.tensor_env import make_tensor_env
 from learner.estimator_config import check_estimator_config
@@ -87,7 +88,10 @@ def preflight_agent(cfg: AgentConfig) -> dict[str, Any]:
     """What can fail before Ray starts: the estimator's keys, and building the env (a bad Gymnasium id, an
     arm setting out of range). Returns the env's spec (observation shape, action space)."""
     check_estimator_config(cfg.algorithm)
-    env = make_tensor_env(cfg.env.kind, **cfg.env.env_kwargs())
+    try:
+        env = make_tensor_env(cfg.env.kind, **cfg.env.env_kwargs())
+    except Exception as e:  # noqa: BLE001 - a Gymnasium error, a bad arm setting: say which section
+        raise ConfigError(f"config section `env.{cfg.env.kind}`: the env could not be built: {e}") from e
     return {"observation_shape": tuple(env.observation_shape), "action_space": env.action_space}
 
 
@@ -253,6 +257,8 @@ def train_agent(cfg: AgentConfig) -> Path:
         (run_dir / "eval_table.txt").write_text(table + "\n")
         print(f"\nHeld-out evaluation ({cfg.eval.num_episodes} episodes, {cfg.env.kind}):\n{table}\n"
               f"wall time {results['wall_time_s']:.0f} s; run directory: {run_dir}")
+        if cfg.metrics.linger_s > 0 and sink.port is not None:  # let Prometheus scrape the last values
+            time.sleep(cfg.metrics.linger_s)
     finally:
         if trainer is not None:
             trainer.close()
