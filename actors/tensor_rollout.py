@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from common import schema as S
-from common.agent_policy import build_policy, load_numpy_state, log_prob, sample
+from common.tensor_policy import build_policy, load_numpy_state, log_prob, sample
 from common.spaces import ActionSpace
 
 log = logging.getLogger(__name__)

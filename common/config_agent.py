@@ -91,7 +91,7 @@ class PolicyConfig:
     kind: str = "mlp"  # mlp (feed-forward over the observation) | gru (recurrent over the episode's steps) | custom (factory)
     hidden: int = 64  # hidden width of the policy (and of the critic)
     layers: int = 2  # hidden layers of the mlp (of the gru: its input encoder's)
-    factory: str | None = None  # kind custom: "package.module:function" building the nn.Module (see common/agent_policy.py)
+    factory: str | None = None  # kind custom: "package.module:function" building the nn.Module (see common/tensor_policy.py)
 
     def validate(self, p: str) -> None:
         if self.kind not in ("mlp", "gru", "custom"):

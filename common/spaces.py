@@ -1,8 +1,12 @@
-"""Action spaces of tensor agents (shared by the envs, the policies, the Arrow schema and the learner)."""
+"""The types of the tensor-env interface (``env_workers.tensor_env``): action spaces and a step's result, shared by
+the envs, the policies, the Arrow schema and the learner."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -22,3 +26,14 @@ class ActionSpace:
     @property
     def dtype(self) -> str:
         return "int64" if self.discrete else "float32"
+
+
+@dataclass
+class TensorStep:
+    observation: np.ndarray  # float32[*observation_shape] after the action (the next action's input)
+    reward: dict[str, float]  # components of this step's contribution to the turn reward
+    turn_done: bool  # this step ends the current turn
+    done: bool  # the episode ended (a terminal state or the step limit)
+    outcome: dict[str, float] | None = None  # outcome components, exactly when done
+    truncated: bool = False  # ended by a step limit, not by the task
+    info: dict[str, Any] = field(default_factory=dict)  # per-episode figures for metrics (floats), on done

@@ -37,8 +37,7 @@ import math
 
 import numpy as np
 
-from common.spaces import ActionSpace
-from env_workers.tensor_env import TensorStep
+from common.spaces import ActionSpace, TensorStep
 
 RELEASE_HEIGHT = 0.3  # m: the rail and the release point
 GRAVITY = 9.81

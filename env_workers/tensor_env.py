@@ -25,23 +25,11 @@ Two kinds are registered: ``arm`` (:mod:`env_workers.arm`, the seed's pick-aim-t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from common.spaces import ActionSpace
-
-
-@dataclass
-class TensorStep:
-    observation: np.ndarray  # float32[*observation_shape] after the action (the next action's input)
-    reward: dict[str, float]  # components of this step's contribution to the turn reward
-    turn_done: bool  # this step ends the current turn
-    done: bool  # the episode ended (a terminal state or the step limit)
-    outcome: dict[str, float] | None = None  # outcome components, exactly when done
-    truncated: bool = False  # ended by a step limit, not by the task
-    info: dict[str, Any] = field(default_factory=dict)  # per-episode figures for metrics (floats), on done
+from common.spaces import ActionSpace, TensorStep  # noqa: F401 - part of this interface
 
 
 class TensorEnv(Protocol):

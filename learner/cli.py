@@ -171,7 +171,7 @@ def run_experiment_command(args: argparse.Namespace, argv: list[str]) -> int:
                  len(outcome.skipped), len(failed), outcome.wall_s / 60)
     if not args.no_report:
         if config_kind(exp.base_config) == "tensor":  # the tensor-agent section of the report
-            from learner.agent_results import write_agent_report
+            from learner.tensor_results import write_agent_report
 
             path = write_agent_report(exp, runs, read_state(out_dir))
         else:

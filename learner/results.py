@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from common import metrics as M
-from learner.agent_results import old_section, replace_section
+from learner.tensor_results import old_section, replace_section
 from learner.curve_stats import bootstrap_ci, curve_area, paired_difference, steps_to_target
 from learner.evaluation import MULTI_HOP_KEYS
 from learner.experiment import WARM_START, ExperimentConfig, RunSpec
@@ -432,7 +432,7 @@ def write_report(exp: ExperimentConfig, runs: list[RunSpec], state: dict[str, An
     old = report_path.read_text() if report_path.exists() else None
     report_path.parent.mkdir(parents=True, exist_ok=True)
     text = keep_discussion(old, report)
-    agent_section = old_section(old) if old else None  # the tensor-agent section (learner/agent_results.py) stays
+    agent_section = old_section(old) if old else None  # the tensor-agent section (learner/tensor_results.py) stays
     report_path.write_text(replace_section(text, agent_section) if agent_section else text)
     if exp.report.readme:
         readme = Path(exp.report.readme)

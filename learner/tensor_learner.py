@@ -10,7 +10,7 @@ One step on a table of complete groups, the same maths as the LLM learner with s
         loss <- ppo_clip_loss(log pi(a | s), log pi_old(a | s), A_step, step mask) - entropy_coef * H
         DeepSpeed backward + step;  critic: value_loss on R = A + V (its own engine, critic_lr)
 
-The policy is any ``common.agent_policy`` module; the weights go back to the rollout worker as numpy arrays.
+The policy is any ``common.tensor_policy`` module; the weights go back to the rollout worker as numpy arrays.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pyarrow as pa
 import torch
 
 from common import metrics as M
-from common.agent_policy import ValueMLP, build_policy, entropy, log_prob, state_to_numpy
+from common.tensor_policy import ValueMLP, build_policy, entropy, log_prob, state_to_numpy
 from common.replay_queue import STALENESS_WEIGHT
 from common.spaces import ActionSpace
 from learner.credit_critic import VALUE_TARGETS, value_loss

@@ -164,6 +164,19 @@ ROWS: list[tuple[str, list[Panel]]] = [
                (f"rate({series(M.JUDGE_FAILURES)}[$__rate_interval])", "{{run}} failures/s"),
                (f"rate({series(M.JUDGE_RETRIES)}[$__rate_interval])", "{{run}} retries/s")], min=0),
     ]),
+    ("Tensor agents (kind: tensor; the arm, Gymnasium envs)", [
+        Panel("Agent success and sub-goals",
+              "Share of the step's trained episodes the env calls a success (the arm: a basket), the arm's sub-goal "
+              "rates (grasped, aimed at the hoop), and the held-out success every eval.every_steps.",
+              [turnrl(M.AGENT_SUCCESS, "success"), turnrl(M.AGENT_SUBGOAL.format(name="grasped"), "grasped"),
+               turnrl(M.AGENT_SUBGOAL.format(name="aimed"), "aimed"), turnrl(M.EVAL_SUCCESS, "held-out success")],
+              min=0),
+        Panel("Agent episode length and env errors",
+              "Env steps and turns per trained episode, and env steps that raised so far (each ended its episode "
+              "unscored; should stay 0).",
+              [turnrl(M.AGENT_STEPS, "env steps"), turnrl(M.TURNS_MEAN, "turns"),
+               turnrl(M.AGENT_ENV_ERRORS, "env errors")], right_axis=["env errors"], min=0),
+    ]),
     ("Fault tolerance and cluster", [
         Panel("Actor restarts",
               "Ray restarts of the run's actors so far, by role (generators, env workers, learner ranks, "

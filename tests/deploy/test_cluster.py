@@ -159,10 +159,19 @@ def test_ray_job_submit_trains_on_a_real_cluster(cluster_run):
     assert not list(cluster_run["targets_dir"].glob("*.json"))
 
 
+TENSOR_ROW = "Tensor agents"  # its panels have data in tensor-agent runs (tests/learner/test_tensor_training.py)
+
+
 def _dashboard_queries() -> tuple[list[tuple[str, str]], list[str]]:
-    """(panel title, PromQL) for every target of every panel, and the template variables' queries."""
+    """(panel title, PromQL) for every target of every panel of an LLM run's rows, and the template variables'
+    queries."""
     dash = json.loads(DASHBOARD.read_text())
-    exprs = [(p["title"], t["expr"]) for p in dash["panels"] if p.get("type") != "row" for t in p["targets"]]
+    exprs, row = [], ""
+    for p in dash["panels"]:
+        if p.get("type") == "row":
+            row = p["title"]
+        elif not row.startswith(TENSOR_ROW):
+            exprs += [(p["title"], t["expr"]) for t in p["targets"]]
     variables = [v["definition"] for v in dash["templating"]["list"] if v["type"] == "query"]
     return exprs, variables
 

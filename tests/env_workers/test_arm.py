@@ -7,8 +7,17 @@ import math
 import numpy as np
 import pytest
 
-from env_workers.arm import (ELEVATIONS, GRAVITY, MOVES, NUM_ACTIONS, RELEASE_HEIGHT, SPEED_MIN, SPEED_STEP,
-                             ArmThrowEnv, landing_x)
+from env_workers.arm import (
+    ELEVATIONS,
+    GRAVITY,
+    MOVES,
+    NUM_ACTIONS,
+    RELEASE_HEIGHT,
+    SPEED_MIN,
+    SPEED_STEP,
+    ArmThrowEnv,
+    landing_x,
+)
 from env_workers.tensor_env import TensorStep, make_tensor_env
 
 CLOSE = 6  # actions 6 and 7 close the gripper in the grasp phase
@@ -245,7 +254,7 @@ def test_never_closing_spends_exactly_grasp_steps_per_attempt(grasp_steps: int, 
     env = ArmThrowEnv(grasp_steps=grasp_steps, max_grasps=max_grasps)
     for seed in range(10):
         for move in (0, 3, 5):  # slide left (clips at 0), small right, big right (clips at 1)
-            steps, _ = run_episode(env, seed, lambda e, o: move)
+            steps, _ = run_episode(env, seed, lambda e, o, move=move: move)
             assert [len(t) for t in turns_of(steps)] == [grasp_steps] * max_grasps
             assert steps[-1].done and steps[-1].outcome == {"basket": 0.0}
             assert steps[-1].info["grasp_attempts"] == max_grasps

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -44,7 +45,7 @@ def test_action_space_shape_and_dtype() -> None:
     assert ActionSpace(discrete=True, n=3).dtype == "int64"
     box = ActionSpace(discrete=False, dim=4, low=-2.0, high=2.0)
     assert box.shape == (4,) and box.dtype == "float32"
-    with pytest.raises(Exception):  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
         box.dim = 5  # type: ignore[misc]
 
 
@@ -286,6 +287,12 @@ def test_worker_env_error_ends_only_that_slot(flaky: str) -> None:
     assert out["done"].tolist() == [True, True]
     assert out["outcome"] == [{"o": 1.0}, {"o": 1.0}] and out["info"] == [{"len": 4.0}, {"len": 4.0}]
     assert w.stats() == {"errors": 1.0, "live_episodes": 0.0}
+    # the failed slot can start a new episode, which runs normally
+    np.testing.assert_array_equal(w.reset([1], [8]), [[8, 0]])
+    out = w.step([1], np.array([[1]]))
+    assert out["info"] == [{}] and out["done"].tolist() == [False]
+    np.testing.assert_array_equal(out["observation"], [[8, 1]])
+    assert w.stats() == {"errors": 1.0, "live_episodes": 1.0}
 
 
 def test_worker_step_of_a_slot_never_reset_is_an_env_error(flaky: str) -> None:

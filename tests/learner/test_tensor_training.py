@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import threading
 import time
 import urllib.request
@@ -87,12 +88,22 @@ def test_arm_metrics_and_queue(arm_run):
     assert M.EVAL_SUCCESS in rows[1] and M.EVAL_SUCCESS not in rows[0]
     body = found.get("body", "")
     assert "turnrl_rollout_success_rate" in body and "turnrl_rollout_subgoal_grasped_rate" in body, body[:500]
+    # every series of the dashboard's tensor-agent row is served by a tensor run's /metrics
+    dash = json.loads((REPO / "deploy/grafana/dashboards/turnrl.json").read_text())
+    row, names = "", set()
+    for p in dash["panels"]:
+        row = p["title"] if p.get("type") == "row" else row
+        if p.get("type") != "row" and row.startswith("Tensor agents"):
+            names |= {n for t in p["targets"] for n in re.findall(r"\bturnrl_\w+", t["expr"])}
+    assert len(names) >= 6
+    served = {ln.split(" ")[0].split("{")[0] for ln in body.splitlines() if ln and not ln.startswith("#")}
+    assert names <= served, sorted(names - served)
 
 
 def test_saved_policy_loads_into_the_same_module(arm_run):
     from safetensors.torch import load_file
 
-    from common.agent_policy import build_policy
+    from common.tensor_policy import build_policy
     from env_workers.arm import ArmThrowEnv
 
     run_dir, _ = arm_run
@@ -103,10 +114,14 @@ def test_saved_policy_loads_into_the_same_module(arm_run):
 def test_gru_policy_with_mt_ppo_on_cartpole(ray_local, tmp_path):
     """A Gymnasium env, a recurrent policy and the critic estimator, end to end."""
     code, err = _train(CARTPOLE, tmp_path / "run", "learner.total_steps=2", "eval.num_episodes=4",
-                       "eval.every_steps=0", "eval.greedy=false", "policy.kind=gru", "algorithm.advantage=mt_ppo")
+                       "eval.every_steps=0", "eval.greedy=false", "policy.kind=gru", "algorithm.advantage=mt_ppo",
+                       "algorithm.ppo_epochs=1")
     assert code == 0, err[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines() if x.strip()]
     assert len(rows) == 2 and all(M.CRITIC_VALUE_LOSS in r for r in rows)
+    # one epoch on fresh rows: the learner's GRU over whole episodes gives the log-probs the rollout worker
+    # sampled with step by step (ratio 1), so the weights it trains are the weights that acted
+    assert all(abs(r[M.RATIO_MAX] - 1.0) < 1e-4 and abs(r[M.KL_K3]) < 1e-6 for r in rows), rows
     assert rows[0][M.TURNS_MEAN] >= 1 and rows[0][M.AGENT_STEPS] > rows[0][M.TURNS_MEAN]  # turns of 25 steps
     ev = json.loads((tmp_path / "run/eval.json").read_text())
     assert [p["step"] for p in ev["curve"]] == [0] and "trained_greedy" not in ev

@@ -1,4 +1,4 @@
-"""The tensor-agent section of docs/results.md (learner/agent_results.py): numbers from run directories,
+"""The tensor-agent section of docs/results.md (learner/tensor_results.py): numbers from run directories,
 a hand-written note and the LLM report's sections kept across rewrites, and the grid's rules."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from common.config import ConfigError
-from learner.agent_results import NOTE_END, NOTE_START, SECTION, write_agent_report
+from learner.tensor_results import NOTE_END, NOTE_START, SECTION, write_agent_report
 from learner.experiment import expand_grid, load_experiment
 
 REPO = Path(__file__).resolve().parents[2]
