@@ -309,22 +309,30 @@ def _parse_yaml(data: bytes, where: str) -> Any:
         raise ConfigError(f"{where}: invalid YAML{at}: {problem}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load YAML ``path`` (optional), apply ``key.sub=value`` overrides, build and validate."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        loaded = _parse_yaml(p.read_bytes(), f"config file {str(p)!r}")
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a YAML mapping at the top level")
-        tree = loaded or {}
+def read_tree(path: str | Path) -> dict[str, Any]:
+    """The YAML mapping at ``path`` (a ConfigError if the file is missing, not YAML or not a mapping)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    loaded = _parse_yaml(p.read_bytes(), f"config file {str(p)!r}")
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a YAML mapping at the top level")
+    return loaded or {}
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """``tree`` with each ``key.sub=value`` override set (values parsed as YAML)."""
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"config override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
         _set_dotted(tree, key.strip(), _parse_yaml(raw.encode(), f"config override {item!r}"))
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load YAML ``path`` (optional), apply ``key.sub=value`` overrides, build and validate."""
+    tree = apply_overrides(read_tree(path) if path is not None else {}, overrides)
     cfg = _build(Config, tree, "")
     cfg.validate()
     return cfg

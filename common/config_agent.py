@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import _build, _parse_yaml, _set_dotted, _validate_tree
+from common.config import _build, _validate_tree, apply_overrides, read_tree
 from common.config_sections import (AlgorithmConfig, ConfigError, MetricsConfig, QueueConfig, RayConfig, RunConfig,
                                     _fail)
 
@@ -173,21 +173,11 @@ class AgentConfig:
         return dataclasses.asdict(self)
 
 
-def _read_tree(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
-    loaded = _parse_yaml(p.read_bytes(), f"config file {str(p)!r}")
-    if loaded is not None and not isinstance(loaded, dict):
-        raise ConfigError(f"config file {str(p)!r} must hold a YAML mapping at the top level")
-    return loaded or {}
-
-
 def config_kind(path: str | Path | None) -> str:
     """``tensor`` when the YAML at ``path`` says ``kind: tensor``, else ``llm`` (no path: the LLM default)."""
     if path is None:
         return "llm"
-    kind = _read_tree(path).get("kind", "llm")
+    kind = read_tree(path).get("kind", "llm")
     if kind not in KINDS:
         raise ConfigError(f"config field `kind` = {kind!r}: must be tensor (a tensor agent), or absent (an LLM run)")
     return kind
@@ -195,12 +185,7 @@ def config_kind(path: str | Path | None) -> str:
 
 def load_agent_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AgentConfig:
     """Load a ``kind: tensor`` YAML (optional), apply ``key.sub=value`` overrides, build and validate."""
-    tree = _read_tree(path) if path is not None else {"kind": "tensor"}
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"config override {item!r} must look like section.key=value")
-        key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), _parse_yaml(raw.encode(), f"config override {item!r}"))
+    tree = apply_overrides(read_tree(path) if path is not None else {"kind": "tensor"}, overrides)
     cfg = _build(AgentConfig, tree, "")
     cfg.validate()
     return cfg

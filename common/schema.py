@@ -168,7 +168,10 @@ def _tensor_list(arrays: list[Any], list_type: pa.DataType) -> pa.Array:
     offsets = np.zeros(len(parts) + 1, dtype=np.int32)
     offsets[1:] = np.cumsum([len(p) for p in parts])
     flat = np.concatenate(parts) if parts else np.zeros((0, *shape), dtype=dtype)
-    values = pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(flat))
+    if len(flat):
+        values = pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(flat))
+    else:  # no step at all: Arrow builds no tensor array from an empty ndarray
+        values = pa.ExtensionArray.from_storage(value_type, pa.array([], value_type.storage_type))
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values, type=list_type)
 
 

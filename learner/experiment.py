@@ -242,13 +242,19 @@ def select_runs(runs: list[RunSpec], patterns: list[str] | None) -> list[RunSpec
     return chosen
 
 
+def finished_eval(run_dir: Path) -> dict[str, Any] | None:
+    """A finished run's ``eval.json`` (it holds a ``trained`` evaluation), else None."""
+    try:
+        ev = json.loads((run_dir / "eval.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return ev if isinstance(ev, dict) and "trained" in ev else None
+
+
 def run_status(run_dir: Path) -> str:
     """``done`` (eval.json holds a ``trained`` evaluation), ``partial`` (directory without it) or ``missing``."""
-    try:
-        if "trained" in json.loads((run_dir / "eval.json").read_text()):
-            return "done"
-    except (OSError, ValueError):
-        pass
+    if finished_eval(run_dir) is not None:
+        return "done"
     return "partial" if run_dir.exists() else "missing"
 
 

@@ -23,7 +23,7 @@ from common import metrics as M
 from learner.tensor_results import old_section, replace_section
 from learner.curve_stats import bootstrap_ci, curve_area, paired_difference, steps_to_target
 from learner.evaluation import MULTI_HOP_KEYS
-from learner.experiment import WARM_START, ExperimentConfig, RunSpec
+from learner.experiment import WARM_START, ExperimentConfig, RunSpec, finished_eval
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +149,8 @@ def load_records(runs: list[RunSpec]) -> list[dict[str, Any]]:
     """Finished runs (``eval.json`` with a ``trained`` entry) with their eval and per-step curves."""
     records = []
     for spec in runs:
-        try:
-            ev = json.loads((spec.run_dir / "eval.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if SAMPLED not in ev:
+        ev = finished_eval(spec.run_dir)
+        if ev is None:
             continue
         curves: dict[str, dict[int, float]] = {key: {} for key, _ in CURVES}
         metrics_path = spec.run_dir / "metrics.jsonl"

@@ -11,13 +11,12 @@ curve, steps to a target, and paired per-seed differences with a verdict only wh
 from __future__ import annotations
 
 import csv
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from learner.curve_stats import bootstrap_ci, curve_area, paired_difference, steps_to_target
-from learner.experiment import ExperimentConfig, RunSpec
+from learner.experiment import ExperimentConfig, RunSpec, finished_eval
 
 SECTION = "## Beyond LLMs"  # the heading prefix this writer owns (the LLM report keeps it)
 METRIC = "success"  # the held-out curve compared (the env's success: the arm's basket)
@@ -35,11 +34,8 @@ def load_agent_records(runs: list[RunSpec]) -> list[dict[str, Any]]:
     """Finished runs (``eval.json`` with ``trained`` and a held-out ``curve``)."""
     out = []
     for spec in runs:
-        try:
-            ev = json.loads((spec.run_dir / "eval.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if "trained" in ev and len(ev.get("curve", [])) >= 2:
+        ev = finished_eval(spec.run_dir)
+        if ev is not None and len(ev.get("curve", [])) >= 2:
             out.append({"task": spec.task, "estimator": spec.estimator, "seed": spec.seed, "name": spec.name,
                         "eval": ev})
     return out

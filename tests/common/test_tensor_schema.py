@@ -193,12 +193,7 @@ def test_tensor_column_of_a_column_without_steps() -> None:
     np.testing.assert_array_equal(off, [0, 0])
 
 
-_EMPTY_BUG = ("source bug: common/schema.py _tensor_list builds np.zeros((0, *shape)) for the no-step case but "
-              "passes it to pa.FixedShapeTensorArray.from_numpy_ndarray, which raises "
-              "ValueError('Expected a non-empty ndarray')")
-
-
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=_EMPTY_BUG)
+# a batch without any env step (no rows, or rows of zero steps) is a valid, empty tensor column
 def test_rows_with_no_steps_at_all_make_a_batch() -> None:
     b = S.tensor_rows_to_batch([tensor_row(1, 10, 0, 0, last=True)], SCHEMA)
     obs, off = S.tensor_column(b, S.OBSERVATIONS)
@@ -206,7 +201,6 @@ def test_rows_with_no_steps_at_all_make_a_batch() -> None:
     np.testing.assert_array_equal(off, [0, 0])
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=_EMPTY_BUG)
 def test_no_rows_make_an_empty_batch() -> None:
     b = S.tensor_rows_to_batch([], SCHEMA)
     assert b.num_rows == 0 and b.schema.equals(SCHEMA)
