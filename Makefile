@@ -8,7 +8,7 @@ export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_DEDUP_LOGS ?= 1
 
-.PHONY: install train test test-slow test-vllm-cpu bench warmstart judge clean
+.PHONY: install train arm test test-slow test-vllm-cpu bench warmstart warmstart-multihop judge clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ $(BENCH_STAMP): $(STAMP) requirements-bench.txt
 train: install  ## train the demo agent with MT-GRPO (embedded default config)
 	$(VENV)/bin/turnrl train --config deploy/configs/local.yaml
 
+arm: install  ## a non-LLM agent through the same pipeline: the 2-D arm (grasp, aim, throw), about 1 min
+	$(VENV)/bin/turnrl train --config deploy/configs/arm.yaml
+
 test: install  ## fast CPU test suite
 	$(PY) -m pytest -q
 
@@ -40,6 +43,9 @@ bench: $(BENCH_STAMP)  ## speed measurements (and TRL, the peer of bench_step.py
 
 warmstart: install  ## regenerate deploy/warmstart deterministically (about 14 min, one core)
 	$(VENV)/bin/turnrl warmstart --config deploy/configs/local.yaml
+
+warmstart-multihop: install  ## regenerate deploy/warmstart_multihop (the multi-hop task's start) from deploy/warmstart deterministically (about 10 min, one core)
+	$(VENV)/bin/turnrl warmstart --config deploy/configs/local.yaml --multi-hop
 
 judge: install  ## regenerate the demo judge deploy/judge from deploy/warmstart deterministically (about 6 min, one core)
 	$(VENV)/bin/turnrl warmstart --config deploy/configs/local.yaml --judge

@@ -34,9 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-4")
     p_warm = sub.add_parser("warmstart", help="regenerate the demo warm-start checkpoint deterministically")
     p_warm.add_argument("--config", required=True, help="YAML config file (data + model sections)")
-    p_warm.add_argument("--out", default=None, help="output directory (default: model.path; with --judge: judge.model_path)")
+    p_warm.add_argument("--out", default=None, help="output directory (default: model.path; with --judge: judge.model_path; with --multi-hop: deploy/warmstart_multihop)")
     p_warm.add_argument("--judge", action="store_true",
                         help="build the demo judge instead: fine-tune model.path into a yes/no reward model")
+    p_warm.add_argument("--multi-hop", action="store_true",
+                        help="build the multi-hop warm start (deploy/warmstart_multihop) from model.path: stage 3, "
+                             "expert two-hop demonstrations")
     p_warm.add_argument("overrides", nargs="*", help="dotted overrides")
     from env_workers.cli import add_index_arguments, run_index
 
@@ -84,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
             return 3
         return 0
     if args.command == "warmstart":
+        if args.multi_hop:
+            from learner.warmstart import build_multihop_warmstart
+
+            build_multihop_warmstart(cfg, out_dir=args.out or "deploy/warmstart_multihop")
+            return 0
         if args.judge:
             from learner.judge_warmstart import build_judge
 

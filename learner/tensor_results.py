@@ -64,7 +64,8 @@ def task_lines(records: list[dict[str, Any]], task: str, estimators: list[str], 
         final = {s: float(r["eval"]["trained"][METRIC]) for s, r in seeds.items()}
         area = {s: curve_area(c) for s, c in curves.items()}
         reach = [steps_to_target(curves[s], TARGET) for s in sorted(curves)]
-        figures[est] = {"final": final, "area": area}
+        figures[est] = {"final": final, "area": area,
+                        "reach": {s: n for s, n in zip(sorted(curves), reach) if n is not None}}
         greedy = [float(r["eval"]["trained_greedy"][METRIC]) for r in seeds.values() if "trained_greedy" in r["eval"]]
         cells = [_ci([float(r["eval"]["trained"].get(c, 0.0)) for r in seeds.values()]) for c, _ in COLUMNS]
         lines.append(f"| {est} | " + " | ".join(cells) + f" | {_ci(list(area.values()))} | "
@@ -73,9 +74,14 @@ def task_lines(records: list[dict[str, Any]], task: str, estimators: list[str], 
     lines.append("")
     for a, b in PAIRS:
         if a in figures and b in figures:
-            for key, label in (("area", f"area under held-out {METRIC}"), ("final", f"final {METRIC}")):
-                d = paired_difference(figures[a][key], figures[b][key])
-                verdict = {"a better": f"{a} higher", "b better": f"{b} higher"}.get(d["verdict"], d["verdict"])
+            for key, label in (("area", f"area under held-out {METRIC}"), ("final", f"final {METRIC}"),
+                               ("reach", f"steps to {METRIC} >= {TARGET} (seeds where both reach it; lower is quicker)")):
+                if not set(figures[a][key]) & set(figures[b][key]):
+                    continue
+                higher = key != "reach"
+                d = paired_difference(figures[a][key], figures[b][key], higher_is_better=higher)
+                better = {"a better": a, "b better": b}.get(d["verdict"])
+                verdict = d["verdict"] if better is None else f"{better} {'higher' if higher else 'quicker'}"
                 lines.append(f"- {a} - {b}, {label}: {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] over seeds "
                              f"{d['seeds']}: {verdict}")
     lines.append("")

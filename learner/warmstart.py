@@ -59,6 +59,11 @@ P_RIGHT_QUERY = 0.3  # fraction of searches that use the exact entity name
 P_PARTIAL_QUERY = 0.7  # searches that use only the first or last name part (ambiguous)
 P_GARBLED_ANSWER = 0.1  # answers replaced by a random value of the right kind
 TWO_HOP_FRACTION = 0.15  # share of two-hop demonstrations (for the multi-hop task)
+# Stage 3, for the multi-hop task only (``--multi-hop``, deploy/warmstart_multihop): from the shipped checkpoint, a short
+# SFT at stage 2's rate on *expert* two-hop demonstrations (the second search copies the city from the first result)
+# beside stage 2's imperfect one-hop ones, with copy batches. docs/notes/warm-start.md has the measurements.
+MULTI_HOP_STEPS = 250
+MULTI_HOP_SHARE = 0.4  # share of expert two-hop demonstrations in stage 3's mix
 SFT_BATCH = 32
 COPY_BATCH = 32  # copy-task sequences added to every SFT step (both stages)
 COPY_SPAN = 24  # random tokens per copy-task segment (each sequence is the segment three times)
@@ -144,6 +149,16 @@ def demonstrations(questions: list[dict], env_factory, tokenizer, seed: int, dom
             mask += [1.0] * len(a_ids)
         out.append((ids, mask))
     return out
+
+
+def _names_and_envs(cfg: Config, corpus, index):
+    """Entity names by kind (the imperfect demonstrator's wrong searches) and a factory of demo envs."""
+    titles, ids = corpus.column("title").to_pylist(), corpus.column("id").to_pylist()
+    names = {"person": [t for t, i in zip(titles, ids) if i.startswith("person")],
+             "city": [t for t, i in zip(titles, ids) if i.startswith("city")]}
+    sys_prompt = cfg.env.system_prompt or DEFAULT_SYSTEM_PROMPT
+    return names, lambda: WikiSearchEnv(index, system_prompt=sys_prompt, max_turns=3, top_k=cfg.env.top_k,
+                                        max_result_chars=cfg.env.max_result_chars)
 
 
 def _domains(train: list[dict]) -> dict[str, list[str]]:
@@ -237,8 +252,8 @@ def build_warmstart(cfg: Config, out_dir: str | Path, *, steps: int = SFT_STEPS,
     index = BM25Index.load(data.index_dir)
     sys_prompt = cfg.env.system_prompt or DEFAULT_SYSTEM_PROMPT
 
-    texts = corpus.column("text").to_pylist() + [q["question"] for q in train[:5000]]
     titles = corpus.column("title").to_pylist()
+    texts = corpus.column("text").to_pylist() + [q["question"] for q in train[:5000]]
     # The protocol text is as frequent in the tokenizer's training text as in rollouts, so BPE
     # learns whole-word tokens for "search", "name", "args", ... (seen once, they are spelled
     # letter by letter and a search action is twice as long).
@@ -246,11 +261,7 @@ def build_warmstart(cfg: Config, out_dir: str | Path, *, steps: int = SFT_STEPS,
     texts += [f"<tool>{tool_call(t)}</tool>" for t in titles[::2]]
     train_demo_tokenizer(texts, VOCAB_SIZE, out)
     tok = load_tokenizer(out)
-    ids = corpus.column("id").to_pylist()
-    names = {"person": [t for t, i in zip(titles, ids) if i.startswith("person")],
-             "city": [t for t, i in zip(titles, ids) if i.startswith("city")]}
-    env_factory = lambda: WikiSearchEnv(index, system_prompt=sys_prompt, max_turns=3, top_k=cfg.env.top_k,  # noqa: E731
-                                        max_result_chars=cfg.env.max_result_chars)
+    names, env_factory = _names_and_envs(cfg, corpus, index)
     domains = _domains(train)
     model = build_demo_model(len(tok), seed=cfg.run.seed)
     log.info("demo policy: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
@@ -275,4 +286,42 @@ def build_warmstart(cfg: Config, out_dir: str | Path, *, steps: int = SFT_STEPS,
                             "vocab_size": len(tok), "seed": cfg.run.seed}
     (out / "warmstart.json").write_text(json.dumps(meta, indent=2) + "\n")
     log.info("warm start written to %s in %.0f s", out, meta["seconds"])
+    return out
+
+
+def build_multihop_warmstart(cfg: Config, out_dir: str | Path, *, base_dir: str | Path | None = None,
+                             steps: int = MULTI_HOP_STEPS, share: float = MULTI_HOP_SHARE, threads: int = 1) -> Path:
+    """Stage 3 (module constants): ``base_dir`` (default ``model.path``, the shipped warm start) -> a short SFT on
+    expert two-hop demonstrations beside imperfect one-hop ones -> ``save_pretrained`` into ``out_dir``."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(cfg.run.seed)
+    torch.set_num_threads(threads)
+    t0 = time.time()
+    base = Path(base_dir or cfg.model.path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(cfg.data)
+    train = load_questions(data.train)
+    names, env_factory = _names_and_envs(cfg, load_corpus(data.corpus), BM25Index.load(data.index_dir))
+    tok = load_tokenizer(base)
+    domains = _domains(train)
+    rng = random.Random(cfg.run.seed + 5)
+    one = [q for q in train if int(q.get("hops") or 1) == 1]
+    two = [q for q in train if int(q.get("hops") or 1) == 2]
+    two = rng.sample(two, min(len(two), int(len(one) * share / (1 - share))))
+    demos = (demonstrations(two, env_factory, tok, cfg.run.seed + 11, domains, names, p_right=1.0, p_partial=0.0,
+                            p_garbled=0.0)
+             + demonstrations(one, env_factory, tok, cfg.run.seed + 12, domains, names))
+    log.info("stage 3: %d expert two-hop + %d imperfect one-hop demonstrations, %d steps", len(two), len(one), steps)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    losses = sft(model, demos, steps=steps, batch=SFT_BATCH, lr=SFT_LR_IMPERFECT, seed=cfg.run.seed + 3,
+                 pad_id=tok.pad_token_id, copy_batch=COPY_BATCH, copy_range=(len(SPECIAL_TOKENS), tok.vocab_size))
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    meta = {"base": str(base), "steps": steps, "two_hop_share": share, "lr": SFT_LR_IMPERFECT,
+            "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])), "seconds": time.time() - t0,
+            "seed": cfg.run.seed}
+    (out / "warmstart.json").write_text(json.dumps(meta, indent=2) + "\n")
+    log.info("multi-hop warm start written to %s in %.0f s", out, meta["seconds"])
     return out

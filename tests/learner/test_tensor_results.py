@@ -42,7 +42,7 @@ def _fake_run(run_dir: Path, curve: list[float], final_grasp: float) -> None:
 def test_section_numbers_pairs_and_kept_text(tmp_path):
     exp = load_experiment(_experiment(tmp_path))
     runs = expand_grid(exp)
-    assert {r.estimator for r in runs} == {"grpo_or", "grpo_mr", "mt_grpo_k", "mt_ppo"} and len(runs) == 20
+    assert {r.estimator for r in runs} == {"grpo_or", "grpo_mr", "mt_grpo_k", "mt_ppo"} and len(runs) == 40  # 2 tasks
     for r in runs:  # mt_grpo_k quicker than grpo_or on every seed; the others in between
         base = {"grpo_or": 0.0, "grpo_mr": 0.05, "mt_grpo_k": 0.2, "mt_ppo": 0.1}[r.estimator] + 0.01 * r.seed
         _fake_run(r.run_dir, [0.0, base, base + 0.2, 0.5], final_grasp=0.9)
@@ -59,6 +59,9 @@ def test_section_numbers_pairs_and_kept_text(tmp_path):
     assert "mt_grpo_k - grpo_or, area under held-out success: +0.133 [+0.133, +0.133]" in section
     assert "mt_grpo_k higher" in section
     assert "mt_grpo_k - grpo_or, final success: +0.000" in section and "not distinguishable" in section
+    # mt_grpo_k reaches 0.3 at step 40 on every seed, grpo_or at step 60
+    assert re.search(r"mt_grpo_k - grpo_or, steps to success >= 0.3 .*: -20.000 \[-20.000, -20.000\].*mt_grpo_k quicker",
+                     section)
     assert (tmp_path / "figs/arm_curves.png").is_file()
     csv_rows = (tmp_path / "figs/arm_runs.csv").read_text().splitlines()
     assert csv_rows[0] == "task,estimator,seed,run,step,metric,value" and len(csv_rows) == 1 + 20 * 4 * 5

@@ -102,3 +102,38 @@ def test_sft_with_copy_batches_reports_global_steps(tiny_policy):
     assert seen == [11, 12, 13]
     assert len(losses) == 3 and all(l == l and l < 20 for l in losses)  # finite action losses
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_expert_two_hop_demonstrations_copy_the_bridge_from_the_first_result(small_world, tiny_policy):
+    """Stage 3's data: the second search is the home city, read from the first search's result."""
+    from common.modeling import load_tokenizer
+
+    index, train, _ = small_world
+    tok = load_tokenizer(tiny_policy)
+    two_hop = [q for q in train if q["hops"] == 2][:20]
+    names = {"person": sorted({q["chain"][0] for q in train}), "city": sorted({q["chain"][1] for q in two_hop})}
+    demos = W.demonstrations(two_hop, lambda: WikiSearchEnv(index, max_turns=3), tok, seed=0,
+                             domains=W._domains(train), names=names, p_right=1.0, p_partial=0.0, p_garbled=0.0)
+    for q, (ids, mask) in zip(two_hop, demos):
+        actions = tok.decode([i for i, m in zip(ids, mask) if m > 0])
+        queries = [json.loads(a.split("</tool>")[0])["args"]["query"] for a in actions.split("<tool>")[1:]]
+        assert queries == q["chain"]  # person, then the bridge city
+        context = tok.decode([i for i, m in zip(ids, mask) if m == 0])
+        first_result = context.split(q["chain"][0])[-1]
+        assert q["chain"][1] in context and q["chain"][1] in first_result
+
+
+def test_multihop_warmstart_builds_deterministically(tiny_policy, tmp_path):
+    from safetensors.torch import load_file
+
+    from common.config import load_config
+
+    cfg = load_config(None, [f"model.path={tiny_policy}", f"data.dir={tmp_path / 'data'}", "data.num_people=60"])
+    a = W.build_multihop_warmstart(cfg, tmp_path / "a", steps=2, share=0.4)
+    b = W.build_multihop_warmstart(cfg, tmp_path / "b", steps=2, share=0.4)
+    wa, wb, w0 = (load_file(str(p / "model.safetensors")) for p in (a, b, tiny_policy))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # same seed, same threads: the same weights
+    assert any(not torch.equal(wa[k], w0[k]) for k in wa)  # and it did train
+    meta = json.loads((a / "warmstart.json").read_text())
+    assert meta["steps"] == 2 and meta["two_hop_share"] == 0.4 and meta["base"] == str(tiny_policy)
+    assert (a / "tokenizer.json").is_file()
