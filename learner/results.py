@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from common import metrics as M
-from learner.tensor_results import old_section, replace_section
+from learner.tensor_results import old_section, replace_section, write_curve_csv
 from learner.curve_stats import bootstrap_ci, curve_area, paired_difference, steps_to_target
 from learner.evaluation import MULTI_HOP_KEYS
 from learner.experiment import WARM_START, ExperimentConfig, RunSpec, finished_eval
@@ -245,18 +245,7 @@ def _held_out(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_runs_csv(records: list[dict[str, Any]], path: Path) -> int:
     """``runs.csv``: one row per run x held-out evaluation step x metric, to recompute every number from."""
-    import csv
-
-    rows = [{"task": r["task"], "estimator": r["estimator"], "seed": r["seed"], "run": r["name"],
-             "step": point["step"], "metric": key, "value": point[key]}
-            for r in _held_out(records) for point in r["eval"]["curve"]
-            for key in (*(k for k, _ in COLUMNS), *MULTI_HOP_KEYS) if key in point]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["task", "estimator", "seed", "run", "step", "metric", "value"])
-        w.writeheader()
-        w.writerows(rows)
-    return len(rows)
+    return write_curve_csv(_held_out(records), (*(k for k, _ in COLUMNS), *MULTI_HOP_KEYS), path)
 
 
 def held_out_section(records: list[dict[str, Any]], order: dict[str, list[str]]) -> list[str]:

@@ -124,10 +124,11 @@ def plot_agent_curves(records: list[dict[str, Any]], task: str, estimators: list
     return out
 
 
-def write_agent_csv(records: list[dict[str, Any]], path: Path) -> int:
-    """One row per run x held-out evaluation step x metric."""
+def write_curve_csv(records: list[dict[str, Any]], keys: tuple[str, ...], path: Path) -> int:
+    """``runs.csv``: one row per run x held-out evaluation step x metric (of ``keys``), to recompute every number
+    from; returns the rows written. The LLM report (``learner.results``) writes its own with this too."""
     rows = [{"task": r["task"], "estimator": r["estimator"], "seed": r["seed"], "run": r["name"], "step": p["step"],
-             "metric": k, "value": p[k]} for r in records for p in r["eval"]["curve"] for k, _ in COLUMNS if k in p]
+             "metric": k, "value": p[k]} for r in records for p in r["eval"]["curve"] for k in keys if k in p]
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["task", "estimator", "seed", "run", "step", "metric", "value"])
@@ -203,7 +204,8 @@ def write_agent_report(exp: ExperimentConfig, runs: list[RunSpec], state: dict[s
         fig = plot_agent_curves(records, task, list(spec.estimators), Path(exp.report.figures_dir) / f"{task}_curves.png")
         if fig is not None:
             figures[task] = os.path.relpath(fig, report.parent)
-        write_agent_csv([r for r in records if r["task"] == task], Path(exp.report.figures_dir) / f"{task}_runs.csv")
+        write_curve_csv([r for r in records if r["task"] == task], tuple(k for k, _ in COLUMNS),
+                        Path(exp.report.figures_dir) / f"{task}_runs.csv")
     section = render_agent_section(exp, records, figures, state, len(runs))
     old = report.read_text() if report.exists() else "# Credit-assignment comparison\n\n"
     report.parent.mkdir(parents=True, exist_ok=True)
