@@ -54,11 +54,11 @@ class _Episode:
         self.steps += 1
 
     def close_turn(self, *, run_id: str, version: int, last: bool, outcome: dict[str, float] | None,
-                   truncated: bool) -> dict[str, Any]:
+                   truncated: bool, kind: int) -> dict[str, Any]:
         s = self.spec
         turn_reward = float(sum(self.components.values()))
         row = {S.RUN_ID: run_id, S.GROUP_ID: s["group_id"], S.EPISODE_ID: s["episode_id"],
-               S.PROMPT_ID: s["prompt_id"], S.TURN_INDEX: self.turn, S.POLICY_VERSION: version,
+               S.PROMPT_ID: s["prompt_id"], S.TURN_INDEX: self.turn, S.POLICY_VERSION: version, S.STATE_HASH: kind,
                S.OBSERVATIONS: np.stack(self.obs), S.ACTIONS: np.stack(self.actions),
                S.STEP_LOGPROBS: self.logps, S.STEP_REWARDS: self.step_rewards,
                S.TURN_REWARD: turn_reward, S.TURN_REWARD_COMPONENTS: dict(self.components),
@@ -151,7 +151,8 @@ class TensorRolloutWorker:
                     done = bool(res["done"][j])
                     if res["turn_done"][j] or done:
                         rows.append(ep.close_turn(run_id=self.run_id, version=self.version, last=done,
-                                                  outcome=res["outcome"][j], truncated=bool(res["truncated"][j])))
+                                                  outcome=res["outcome"][j], truncated=bool(res["truncated"][j]),
+                                                  kind=int(res["turn_kind"][j])))
                     if done:
                         active[i] = False
                         summaries[i] = self._summary(ep, res["outcome"][j] or {}, bool(res["truncated"][j]),

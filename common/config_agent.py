@@ -24,8 +24,8 @@ from common.config_sections import (AlgorithmConfig, ConfigError, MetricsConfig,
 KINDS = ("llm", "tensor")
 #: algorithm.* keys that apply to token policies only; a tensor run must leave them at their defaults
 LLM_ONLY_ALGORITHM = ("off_policy", "is_cap", "loss_agg", "kl_coef", "kl_kind", "ref_model_path", "critic_model_path")
-#: estimators a tensor run can use: gigpo needs repeated discrete states, tree_grpo tree rollouts
-TENSOR_ESTIMATORS = ("grpo_or", "grpo_mr", "mt_grpo", "mt_grpo_k", "mt_ppo", "ppo")
+#: estimators a tensor run can use (gigpo's anchor states are the turns' kinds; tree_grpo needs tree rollouts)
+TENSOR_ESTIMATORS = ("grpo_or", "grpo_mr", "mt_grpo", "mt_grpo_k", "gigpo", "mt_ppo", "ppo")
 
 
 @dataclass

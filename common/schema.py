@@ -130,7 +130,8 @@ ACTIONS = "actions"  # list<fixed_shape_tensor[action_shape]>: the action taken 
 STEP_LOGPROBS = "step_logprobs"  # list<float32>: log-prob of each step's action under the generating weights
 STEP_REWARDS = "step_rewards"  # list<float32>: the env's reward after each step (summed per turn in turn_reward)
 
-TENSOR_KEY_COLUMNS = (RUN_ID, GROUP_ID, EPISODE_ID, PROMPT_ID, TURN_INDEX, POLICY_VERSION)
+TENSOR_KEY_COLUMNS = (RUN_ID, GROUP_ID, EPISODE_ID, PROMPT_ID, TURN_INDEX, POLICY_VERSION, STATE_HASH)  # state_hash: the
+#                     turn's kind (env_workers.tensor_env TensorStep.turn_kind), the anchor of gigpo's step grouping
 TENSOR_TAIL_COLUMNS = (TURN_REWARD, TURN_REWARD_COMPONENTS, IS_LAST_TURN, OUTCOME_REWARD, OUTCOME_REWARD_COMPONENTS,
                        TRUNCATED, GROUP_SIZE, T_START, T_END)
 

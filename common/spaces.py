@@ -37,3 +37,5 @@ class TensorStep:
     outcome: dict[str, float] | None = None  # outcome components, exactly when done
     truncated: bool = False  # ended by a step limit, not by the task
     info: dict[str, Any] = field(default_factory=dict)  # per-episode figures for metrics (floats), on done
+    turn_kind: int = 0  # the sub-goal this step's turn pursues (the arm: 0 grasp, 1 aim, 2 throw): turns of one kind
+    #                    share a step-level baseline in gigpo (the rows' state_hash)

@@ -21,7 +21,8 @@ throw      speed 2.5 + 0.25 a m/s; one step                  none: the outcome `
                                                                down through the hoop
 =========  ==============================================  =========================================
 
-A failed grasp attempt is followed by another one, up to ``max_grasps``; when the last fails the episode
+Each step reports its turn's kind (``turn_kind``: 0 grasp, 1 aim, 2 throw), so a second grasp attempt is
+recognisably a grasp whatever its turn index. A failed grasp attempt is followed by another one, up to ``max_grasps``; when the last fails the episode
 ends with outcome 0. Episodes therefore have 2 to ``max_grasps + 2`` turns, and the grasp turns 1 to
 ``grasp_steps`` steps. About 99 % of episodes can score with some (direction, elevation, speed); a
 policy that grasps and aims at random scores about 6 % of its throws.
@@ -114,14 +115,14 @@ class ArmThrowEnv:
             self.elevation = ELEVATIONS[a % 4]
             self.aimed = self.direction == (1 if self.x_h > self.x_b else -1)
             self.phase = THROW
-            return TensorStep(self._obs(), {"aim": self.aim_reward * float(self.aimed)}, True, False)
+            return TensorStep(self._obs(), {"aim": self.aim_reward * float(self.aimed)}, True, False, turn_kind=AIM)
         speed = SPEED_MIN + SPEED_STEP * a
         x = landing_x(self.x_b, self.direction, self.elevation, speed, self.y_h)
         miss = abs(x - self.x_h) if x is not None else abs(self.x_h - self.x_b)
         basket = x is not None and miss < self.hoop_radius
         self._started = False
         return TensorStep(self._obs(), {}, True, True, {"basket": self.basket_reward * float(basket)},
-                          info=self._end(basket, miss))
+                          info=self._end(basket, miss), turn_kind=THROW)
 
     def _grasp_step(self, a: int) -> TensorStep:
         self.steps_left -= 1

@@ -16,6 +16,8 @@ Rules every env keeps (the env worker relies on them):
 - ``reset(seed)`` is deterministic in ``seed``; ``step`` is deterministic given the actions.
 - ``done`` implies ``turn_done``; ``outcome`` is a dict exactly when ``done``.
 - ``reward`` holds the components of this step's turn reward; a turn's reward is the sum over its steps.
+- ``turn_kind`` names the sub-goal of the step's turn (the same on every step of a turn); ``gigpo`` gives turns of
+  one kind in a group a shared step-level baseline. Envs whose turns are all alike leave it 0.
 - ``step`` never raises on an action of the right shape: an out-of-range action is clipped (box) or
   treated as the env documents (discrete), never a crash.
 
@@ -91,6 +93,7 @@ class GymTurnEnv:
         self._return += float(r)
         done = bool(terminated or truncated or self._t >= self.max_steps)
         turn_done = done or self._in_turn >= self.turn_steps
+        kind = (self._t - 1) // self.turn_steps  # turn k of every episode is the k-th window: its own kind
         if turn_done:
             self._in_turn = 0
         outcome = info = None
@@ -100,7 +103,7 @@ class GymTurnEnv:
                        "success": self.success_weight * float(survived)}
             info = {"success": float(survived), "episode_steps": float(self._t), "env_return": self._return}
         return TensorStep(np.asarray(obs, dtype=np.float32), {"env": self.turn_reward_scale * float(r)}, turn_done,
-                          done, outcome, truncated=bool(done and not terminated), info=info or {})
+                          done, outcome, truncated=bool(done and not terminated), info=info or {}, turn_kind=kind)
 
 
 def _make_arm(**kwargs: Any) -> TensorEnv:

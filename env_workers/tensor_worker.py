@@ -51,7 +51,8 @@ class TensorEnvWorker:
     def step(self, slots: list[int], actions: np.ndarray) -> dict[str, Any]:
         """Step each slot's env with its action (``actions[i]`` for ``slots[i]``).
 
-        Returns ``observation`` float32[n, *obs_shape], ``turn_done`` / ``done`` / ``truncated`` bool[n], and
+        Returns ``observation`` float32[n, *obs_shape], ``turn_done`` / ``done`` / ``truncated`` bool[n], ``turn_kind``
+        int64[n], and
         per slot lists ``reward`` (components), ``outcome`` (components or None) and ``info``.
         """
         if self.step_latency_s:
@@ -62,6 +63,7 @@ class TensorEnvWorker:
         rewards: list[dict[str, float]] = []
         outcomes: list[dict[str, float] | None] = []
         infos: list[dict[str, float]] = []
+        kinds = np.zeros(n, dtype=np.int64)
         for i, slot in enumerate(slots):
             env = self._envs.get(slot)
             try:
@@ -73,13 +75,14 @@ class TensorEnvWorker:
                 log.warning("tensor env (%s) raised in slot %s: %r; the episode ends unscored", self.kind, slot, e)
                 st = TensorStep(np.zeros(self.observation_shape, np.float32), {}, True, True, {}, info={"env_error": 1.0})
             obs[i], turn_done[i], done[i], trunc[i] = st.observation, st.turn_done or st.done, st.done, st.truncated
+            kinds[i] = int(st.turn_kind)
             rewards.append({k: float(v) for k, v in st.reward.items()})
             outcomes.append(None if not st.done else {k: float(v) for k, v in (st.outcome or {}).items()})
             infos.append({k: float(v) for k, v in st.info.items()})
             if st.done and env is not None:
                 self._spare.append(self._envs.pop(slot))
         return {"observation": obs, "turn_done": turn_done, "done": done, "truncated": trunc, "reward": rewards,
-                "outcome": outcomes, "info": infos}
+                "outcome": outcomes, "info": infos, "turn_kind": kinds}
 
     def stats(self) -> dict[str, float]:
         return {"errors": float(self.errors), "live_episodes": float(len(self._envs))}

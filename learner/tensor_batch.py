@@ -32,6 +32,7 @@ class TensorBatch:
     episode_ids: torch.Tensor  # long[B]
     truncated: torch.Tensor  # bool[B]
     versions: torch.Tensor  # long[B] oldest policy version among the episode's turns
+    state_ids: torch.Tensor  # long[B, K] the kind of turn k (state_hash; gigpo's anchor), -1 where absent
 
     def __len__(self) -> int:
         return int(self.obs.shape[0])
@@ -46,7 +47,7 @@ def assemble_tensor(table: pa.Table) -> TensorBatch:
     if table.num_rows == 0:
         raise ValueError("an empty table has no episode")
     cols = {c: table.column(c).to_numpy() for c in (S.GROUP_ID, S.EPISODE_ID, S.TURN_INDEX, S.TURN_REWARD,
-                                                    S.OUTCOME_REWARD, S.POLICY_VERSION)}
+                                                    S.OUTCOME_REWARD, S.POLICY_VERSION, S.STATE_HASH)}
     last = table.column(S.IS_LAST_TURN).to_numpy(zero_copy_only=False)
     trunc = table.column(S.TRUNCATED).to_numpy(zero_copy_only=False)
     order = np.lexsort((cols[S.TURN_INDEX], cols[S.EPISODE_ID], cols[S.GROUP_ID]))
@@ -70,6 +71,7 @@ def assemble_tensor(table: pa.Table) -> TensorBatch:
     turn_start = np.zeros((B, K), dtype=np.int64)
     turn_r = np.zeros((B, K), dtype=np.float32)
     turn_mask = np.zeros((B, K), dtype=bool)
+    state_ids = np.full((B, K), -1, dtype=np.int64)
     outcome = np.zeros(B, dtype=np.float32)
     group_ids, episode_ids = np.zeros(B, np.int64), np.zeros(B, np.int64)
     truncated, versions = np.zeros(B, bool), np.zeros(B, np.int64)
@@ -91,6 +93,7 @@ def assemble_tensor(table: pa.Table) -> TensorBatch:
             turn_start[b, k] = t
             turn_r[b, k] = cols[S.TURN_REWARD][r]
             turn_mask[b, k] = True
+            state_ids[b, k] = cols[S.STATE_HASH][r]
             t += n
         outcome[b] = cols[S.OUTCOME_REWARD][rows[-1]]
         group_ids[b], episode_ids[b] = cols[S.GROUP_ID][rows[0]], eps[starts[b]]
@@ -99,7 +102,7 @@ def assemble_tensor(table: pa.Table) -> TensorBatch:
     as_t = torch.from_numpy
     return TensorBatch(as_t(obs), as_t(actions), as_t(old_lp), as_t(step_mask), as_t(step_turn), as_t(turn_start),
                        as_t(turn_r), as_t(outcome), as_t(turn_mask), as_t(group_ids), as_t(episode_ids),
-                       as_t(truncated), as_t(versions))
+                       as_t(truncated), as_t(versions), as_t(state_ids))
 
 
 def turn_to_steps(per_turn: torch.Tensor, step_turn: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ def tensor_row(gid: int, eid: int, turn: int, steps: int, *, last: bool, size: i
         actions = np.linspace(-1, 1, steps * action_dim, dtype=np.float32).reshape(steps, action_dim) + turn
     return {
         S.RUN_ID: "t", S.GROUP_ID: gid, S.EPISODE_ID: eid, S.PROMPT_ID: gid, S.TURN_INDEX: turn,
-        S.POLICY_VERSION: version, S.OBSERVATIONS: obs_of(eid, turn, steps), S.ACTIONS: actions,
+        S.POLICY_VERSION: version, S.STATE_HASH: turn, S.OBSERVATIONS: obs_of(eid, turn, steps), S.ACTIONS: actions,
         S.STEP_LOGPROBS: [-0.5 - 0.25 * k for k in range(steps)], S.STEP_REWARDS: [0.125 * (k + turn) for k in range(steps)],
         S.TURN_REWARD: 0.5 * turn, S.TURN_REWARD_COMPONENTS: {"grasp": 1.0} if turn == 0 else {"aim": 0.5},
         S.IS_LAST_TURN: last, S.OUTCOME_REWARD: 1.0 if last else 0.0,

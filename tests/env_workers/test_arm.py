@@ -331,3 +331,26 @@ def test_make_tensor_env_builds_the_arm_with_its_settings() -> None:
     assert env.observation_shape == (12,)
     assert env.action_space.discrete and env.action_space.n == NUM_ACTIONS
     assert env.action_space.shape == (1,) and env.action_space.dtype == "int64"
+
+
+def test_turn_kinds_name_the_sub_goal_whatever_the_turn_index():
+    """A failed first grasp makes the second grasp turn 1; its kind stays 0 (grasp), then aim 1, throw 2."""
+    env = ArmThrowEnv()
+    env.reset(3)
+    env.x_b = 0.8  # the gripper starts at 0.5: a close there fails
+    kinds = []
+    for action in (6, 5, 4, 6, 4, 0):  # close (fails); slide +0.2, +0.1; close (holds); aim; throw
+        st = env.step(np.array([action]))
+        if st.turn_done:
+            kinds.append(st.turn_kind)
+    assert st.done and env.grasp_attempts == 2 and env.holding
+    assert kinds == [0, 0, 1, 2]
+
+
+def test_gym_turn_kinds_are_the_window_index():
+    from env_workers.tensor_env import GymTurnEnv
+
+    env = GymTurnEnv("CartPole-v1", turn_steps=3, max_steps=9)
+    env.reset(0)
+    kinds = [env.step(np.array([t % 2])).turn_kind for t in range(7)]
+    assert kinds == [0, 0, 0, 1, 1, 1, 2]

@@ -20,10 +20,10 @@ R = 1 / math.sqrt(2)  # norm_g of (1, 0) over G = 2 with the unbiased std: +-0.7
 
 
 def _row(ep: int, turn: int, steps: int, reward: float, last: bool, outcome: float = 0.0, group: int = 0,
-         version: int = 0) -> dict:
+         version: int = 0, kind: int | None = None) -> dict:
     base = 100 * ep + 10 * turn
     return {S.RUN_ID: "t", S.GROUP_ID: group, S.EPISODE_ID: ep, S.PROMPT_ID: 7, S.TURN_INDEX: turn,
-            S.POLICY_VERSION: version,
+            S.POLICY_VERSION: version, S.STATE_HASH: turn if kind is None else kind,
             S.OBSERVATIONS: np.arange(base, base + steps * D, dtype=np.float32).reshape(steps, D),
             S.ACTIONS: np.full((steps, 1), turn, dtype=np.int64), S.STEP_LOGPROBS: [-0.5 - turn] * steps,
             S.STEP_REWARDS: [0.0] * steps, S.TURN_REWARD: reward, S.TURN_REWARD_COMPONENTS: {"r": reward},
@@ -111,3 +111,19 @@ def test_mt_ppo_reads_values_at_turn_starts():
     _close(adv, [[1 + 1 - 0.1, 1 - 0.3, 0.0], [0.5 - 0.4, 0.5 - 0.5, 0 - 0.6]])
     with pytest.raises(ValueError, match="critic"):
         compute_turn_advantages(b, "mt_ppo", {})
+
+
+def test_gigpo_anchors_are_the_turn_kinds():
+    """Episode 1 fails its first grasp (kind 0) and grasps at turn 1; episode 2 grasps at turn 0 and aims (kind 1)
+    at turn 1. gigpo compares turn 1 of episode 1 with the grasp turns, never with episode 2's aim turn."""
+    import pyarrow as pa
+
+    rows = [_row(1, 0, 2, 0.0, False, kind=0), _row(1, 1, 1, 1.0, True, outcome=0.0, kind=0),
+            _row(2, 0, 1, 1.0, False, kind=0), _row(2, 1, 1, 0.5, True, outcome=0.0, kind=1)]
+    b = assemble_tensor(pa.Table.from_batches([S.tensor_rows_to_batch(rows, SCHEMA)]))
+    assert b.state_ids.tolist() == [[0, 0], [0, 1]]
+    adv = compute_turn_advantages(b, "gigpo", {})
+    # outcomes equal: A^E = 0. Kind 0 holds three turns with returns G = (1, 1, 1.5): mean 7/6, std 0.2887
+    g = torch.tensor([1.0, 1.0, 1.5])
+    z = (g - g.mean()) / (g.std() + 1e-6)
+    _close(adv, [[float(z[0]), float(z[1])], [float(z[2]), 0.0]])  # the lone aim turn: no baseline, 0

@@ -42,9 +42,9 @@ def _fake_run(run_dir: Path, curve: list[float], final_grasp: float) -> None:
 def test_section_numbers_pairs_and_kept_text(tmp_path):
     exp = load_experiment(_experiment(tmp_path))
     runs = expand_grid(exp)
-    assert {r.estimator for r in runs} == {"grpo_or", "grpo_mr", "mt_grpo_k", "mt_ppo"} and len(runs) == 40  # 2 tasks
+    assert {r.estimator for r in runs} == {"grpo_or", "grpo_mr", "mt_grpo_k", "mt_ppo", "gigpo"} and len(runs) == 50  # 2 tasks
     for r in runs:  # mt_grpo_k quicker than grpo_or on every seed; the others in between
-        base = {"grpo_or": 0.0, "grpo_mr": 0.05, "mt_grpo_k": 0.2, "mt_ppo": 0.1}[r.estimator] + 0.01 * r.seed
+        base = {"grpo_or": 0.0, "grpo_mr": 0.05, "mt_grpo_k": 0.2, "mt_ppo": 0.1, "gigpo": 0.1}[r.estimator] + 0.01 * r.seed
         _fake_run(r.run_dir, [0.0, base, base + 0.2, 0.5], final_grasp=0.9)
     report = tmp_path / "results.md"
     report.write_text("# Credit-assignment comparison\n\n## Results\n\nLLM numbers.\n\n## Discussion\n\nMine.\n")
@@ -64,7 +64,7 @@ def test_section_numbers_pairs_and_kept_text(tmp_path):
                      section)
     assert (tmp_path / "figs/arm_curves.png").is_file()
     csv_rows = (tmp_path / "figs/arm_runs.csv").read_text().splitlines()
-    assert csv_rows[0] == "task,estimator,seed,run,step,metric,value" and len(csv_rows) == 1 + 20 * 4 * 5
+    assert csv_rows[0] == "task,estimator,seed,run,step,metric,value" and len(csv_rows) == 1 + 25 * 4 * 5  # 25 arm runs x 4 points x 5 metrics
     # a hand-written note between the markers survives a rewrite; the section is replaced, not duplicated
     text = text.replace(f"{NOTE_START}\n", f"{NOTE_START}\nThe arm says yes.\n", 1)
     report.write_text(text)

@@ -141,7 +141,7 @@ def test_arm_learns_on_held_out_seeds(ray_local, tmp_path):
 
 @pytest.mark.parametrize("override, field", [
     ("algorithm.kl_coef=0.1", "algorithm.kl_coef"),
-    ("algorithm.advantage=gigpo", "algorithm.advantage"),
+    ("algorithm.advantage=tree_grpo", "algorithm.advantage"),
     ("env.gym.turn_steps=5", "env.gym.turn_steps"),
     ("policy.factory=x:y", "policy.factory"),
     ("algorithm.lam=0.9", "algorithm.lam"),  # mt_grpo_k takes no lam
