@@ -27,7 +27,7 @@ COLUMNS = (("success", "success (basket)"), ("grasped", "grasped"), ("aimed", "a
 NOTE_START, NOTE_END = "<!-- agent-discussion:start -->", "<!-- agent-discussion:end -->"  # hand-written, kept
 NOTE_PLACEHOLDER = "_To be written after reading the numbers: what they say about the seed's question._"
 PAIRS = (("mt_grpo_k", "grpo_or"), ("mt_grpo_k", "grpo_mr"), ("mt_ppo", "mt_grpo_k"), ("mt_ppo", "grpo_or"),
-         ("grpo_mr", "grpo_or"), ("gigpo", "mt_grpo_k"), ("gigpo", "grpo_or"))
+         ("grpo_mr", "grpo_or"), ("gigpo", "mt_grpo_k"), ("gigpo", "grpo_or"), ("gigpo", "mt_ppo"))
 
 
 def load_agent_records(runs: list[RunSpec]) -> list[dict[str, Any]]:
