@@ -124,13 +124,14 @@ class TensorRolloutWorker:
         while active.any():
             idx = np.flatnonzero(active)
             tp = time.time()
+            rows_t = torch.as_tensor(idx)
             with torch.no_grad():
-                sub = None if state is None else state[:, torch.as_tensor(idx)]
+                sub = None if state is None else state[:, rows_t]
                 params, new_state = self.policy(torch.from_numpy(obs[idx])[:, None], sub)  # [n, 1, P]
                 acts = sample(params[:, 0], self.space, gen, greedy)  # [n, *action_shape]
                 logps = log_prob(params[:, 0], acts, self.space).numpy()  # [n]
             if state is not None:
-                state[:, torch.as_tensor(idx)] = new_state
+                state[:, rows_t] = new_state
             acts_np = acts.numpy().astype(np.int64 if self.space.discrete else np.float32)
             policy_s += time.time() - tp
             te = time.time()

@@ -113,8 +113,7 @@ def _train_agent(cfg, run_dir: str | None) -> int:
     if run_dir:
         cfg.run.run_dir = run_dir
     try:
-        check_estimator_config(cfg.algorithm)
-        train_agent(cfg)
+        train_agent(cfg)  # its preflight checks the estimator's keys before Ray starts
     except (ConfigError, ValueError) as e:
         print(f"turnrl: {e}", file=sys.stderr)
         return 2

@@ -149,17 +149,38 @@ def run_counters(trainer: "Trainer", restart_base: dict, *, sync: bool) -> dict[
     return stats
 
 
+def last_curve_point(results: dict[str, Any], last_step: int) -> dict[str, float] | None:
+    """The held-out curve's point at ``last_step`` without its step (the trained evaluation), or None."""
+    curve = results.get("curve", [])
+    if curve and curve[-1]["step"] == last_step:
+        return {k: v for k, v in curve[-1].items() if k != "step"}
+    return None
+
+
+def linger(cfg: Any, sink: T.MetricsSink) -> None:
+    """Keep serving /metrics ``metrics.linger_s`` more seconds so the last values get scraped."""
+    if cfg.metrics.linger_s > 0 and sink.port is not None:
+        log.info("serving the final metrics for %.0f s more (metrics.linger_s)", cfg.metrics.linger_s)
+        time.sleep(cfg.metrics.linger_s)
+
+
+def close_run(trainer: Any, targets: T.PrometheusTargets | None, sink: T.MetricsSink) -> None:
+    """Kill the run's actors (if they were made), drop its Prometheus target and close the metrics sink."""
+    if trainer is not None:
+        trainer.close()
+    if targets is not None:
+        targets.close()
+    sink.close()
+
+
 def finish(trainer: "Trainer", loop: Any, results: dict[str, Any], resume_from: Path | None, ckpt: Checkpointer,
            sink: T.MetricsSink, t_start: float) -> None:
     """Evaluate the trained policy, save it, and write ``run_summary.json``, ``eval.json``, the table and plot."""
     import ray
 
     cfg, run_dir = trainer.cfg, trainer.run_dir
-    curve = results.get("curve", [])
-    if curve and curve[-1]["step"] == cfg.learner.total_steps:  # evaluated at the last step already
-        results["trained"] = {k: v for k, v in curve[-1].items() if k != "step"}
-    else:
-        results["trained"] = trainer.evaluate("trained", greedy=False)
+    results["trained"] = (last_curve_point(results, cfg.learner.total_steps)  # evaluated at the last step already
+                          or trainer.evaluate("trained", greedy=False))
     if cfg.eval.greedy:
         results["trained_greedy"] = trainer.evaluate("trained_greedy", greedy=True)
     ray.get([lw.save_pretrained.remote(str((run_dir / "policy").resolve())) for lw in trainer.learners])
@@ -184,9 +205,7 @@ def finish(trainer: "Trainer", loop: Any, results: dict[str, Any], resume_from: 
     (run_dir / "eval_table.txt").write_text(table + "\n")
     print(f"\nHeld-out evaluation ({len(trainer.eval_questions)} questions):\n{table}\n"
           f"wall time {results['wall_time_s']:.0f} s; run directory: {run_dir}")
-    if cfg.metrics.linger_s > 0 and sink.port is not None:
-        log.info("serving the final metrics for %.0f s more (metrics.linger_s)", cfg.metrics.linger_s)
-        time.sleep(cfg.metrics.linger_s)
+    linger(cfg, sink)
 
 
 def train(cfg: Config, resume: str | Path | None = None) -> Path:
@@ -239,9 +258,5 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
             raise
         raise crashed from err
     finally:
-        if trainer is not None:
-            trainer.close()
-        if targets is not None:
-            targets.close()
-        sink.close()
+        close_run(trainer, targets, sink)
     return run_dir

@@ -36,8 +36,6 @@ from learner.estimator_config import check_estimator_config
 
 log = logging.getLogger(__name__)
 
-EVAL_SEED_OFFSET = 0  # held-out reset seeds: env.train_seeds + EVAL_SEED_OFFSET + i
-
 
 def summarize_tensor_episodes(episodes: list[dict[str, Any]]) -> dict[str, float]:
     """Per-episode summaries (``TensorRolloutWorker.run``) -> means: ``success`` (the env's ``success`` info),
@@ -127,7 +125,7 @@ class AgentTrainer:
         self.sync_phase()  # the rollout worker starts from the learner's initial weights (seeded by run.seed)
         self.sampler = SeedSampler(cfg.env.train_seeds, cfg.run.seed)
         self.group_counter = self.episode_counter = 0
-        self.eval_seeds = [cfg.env.train_seeds + EVAL_SEED_OFFSET + i for i in range(cfg.eval.num_episodes)]
+        self.eval_seeds = [cfg.env.train_seeds + i for i in range(cfg.eval.num_episodes)]  # never trained on
 
     def _episodes(self, seeds: list[int], group_size: int) -> list[dict[str, Any]]:
         out = []
@@ -198,9 +196,10 @@ def format_agent_table(results: dict[str, Any]) -> str:
 
 def train_agent(cfg: AgentConfig) -> Path:
     """Run one tensor-agent training job end to end (the module docstring's loop); return the run directory."""
+    import ray
     from tqdm import tqdm
 
-    from learner.driver import make_run_dir, open_metrics, start_ray
+    from learner.driver import close_run, last_curve_point, linger, make_run_dir, open_metrics, start_ray
     from learner.evaluation import plot_learning_curves
 
     t_start = time.time()
@@ -217,8 +216,6 @@ def train_agent(cfg: AgentConfig) -> Path:
             results["warm_start"] = trainer.evaluate(greedy=False)
             results["curve"] = [{"step": 0, **results["warm_start"]}]
         bar = tqdm(range(1, last + 1), desc="train", unit="step", dynamic_ncols=True, total=last)
-        import ray
-
         for step in bar:
             t0 = time.time()
             roll = trainer.rollout_phase(step)
@@ -239,11 +236,7 @@ def train_agent(cfg: AgentConfig) -> Path:
             if step % cfg.metrics.log_every == 0 or step == last:
                 sink.log(step, stats)
             bar.set_postfix(success=f"{stats[M.AGENT_SUCCESS]:.2f}", reward=f"{stats[M.REWARD_TOTAL]:.2f}")
-        curve = results.get("curve", [])
-        if curve and curve[-1]["step"] == last:
-            results["trained"] = {k: v for k, v in curve[-1].items() if k != "step"}
-        else:
-            results["trained"] = trainer.evaluate(greedy=False)
+        results["trained"] = last_curve_point(results, last) or trainer.evaluate(greedy=False)
         if cfg.eval.greedy:
             results["trained_greedy"] = trainer.evaluate(greedy=True)
         ray.get(trainer.learner.save.remote(str((run_dir / "policy").resolve())))
@@ -257,12 +250,7 @@ def train_agent(cfg: AgentConfig) -> Path:
         (run_dir / "eval_table.txt").write_text(table + "\n")
         print(f"\nHeld-out evaluation ({cfg.eval.num_episodes} episodes, {cfg.env.kind}):\n{table}\n"
               f"wall time {results['wall_time_s']:.0f} s; run directory: {run_dir}")
-        if cfg.metrics.linger_s > 0 and sink.port is not None:  # let Prometheus scrape the last values
-            time.sleep(cfg.metrics.linger_s)
+        linger(cfg, sink)
     finally:
-        if trainer is not None:
-            trainer.close()
-        if targets is not None:
-            targets.close()
-        sink.close()
+        close_run(trainer, targets, sink)
     return run_dir

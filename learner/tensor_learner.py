@@ -22,6 +22,7 @@ import pyarrow as pa
 import torch
 
 from common import metrics as M
+from common import schema as S
 from common.tensor_policy import ValueMLP, build_policy, entropy, log_prob, state_to_numpy
 from common.replay_queue import STALENESS_WEIGHT
 from common.spaces import ActionSpace
@@ -148,7 +149,7 @@ class TensorLearner:
 
 def assemble_weights(table: pa.Table, b) -> torch.Tensor:
     """float[B]: each episode's staleness weight (``STALENESS_WEIGHT``, one value per group), in batch order."""
-    ids = table.column("episode_id").to_numpy()
+    ids = table.column(S.EPISODE_ID).to_numpy()
     ws = table.column(STALENESS_WEIGHT).to_numpy()
     by_episode = dict(zip(ids.tolist(), ws.tolist()))
     return torch.tensor([by_episode[int(e)] for e in b.episode_ids], dtype=torch.float32)

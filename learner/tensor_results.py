@@ -137,19 +137,27 @@ def write_curve_csv(records: list[dict[str, Any]], keys: tuple[str, ...], path: 
     return len(rows)
 
 
+def _section_span(lines: list[str], prefix: str) -> tuple[int, int] | None:
+    """Line range of the level-2 section whose heading starts with ``prefix`` (to the next ``## ``), or None."""
+    start = next((i for i, line in enumerate(lines) if line.startswith(prefix)), None)
+    if start is None:
+        return None
+    end = start + 1
+    while end < len(lines) and not lines[end].startswith("## "):
+        end += 1
+    return start, end
+
+
 def replace_section(text: str, section: str, prefix: str = SECTION, before: str = "## Discussion") -> str:
     """``text`` with its level-2 section whose heading starts with ``prefix`` replaced by ``section`` (inserted
     before the ``before`` heading, or appended, when there is none)."""
     lines = text.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.startswith(prefix)), None)
     block = section.rstrip("\n") + "\n\n"
-    if start is None:
-        at = next((i for i, l in enumerate(lines) if l.rstrip() == before), len(lines))
-        return "".join(lines[:at]) + block + "".join(lines[at:])
-    end = start + 1
-    while end < len(lines) and not lines[end].startswith("## "):
-        end += 1
-    return "".join(lines[:start]) + block + "".join(lines[end:])
+    span = _section_span(lines, prefix)
+    if span is None:
+        at = next((i for i, line in enumerate(lines) if line.rstrip() == before), len(lines))
+        span = (at, at)
+    return "".join(lines[:span[0]]) + block + "".join(lines[span[1]:])
 
 
 def render_agent_section(exp: ExperimentConfig, records: list[dict[str, Any]], figures: dict[str, str],
@@ -178,13 +186,8 @@ def render_agent_section(exp: ExperimentConfig, records: list[dict[str, Any]], f
 def old_section(text: str, prefix: str = SECTION) -> str | None:
     """The level-2 section of ``text`` whose heading starts with ``prefix`` (None if there is none)."""
     lines = text.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.startswith(prefix)), None)
-    if start is None:
-        return None
-    end = start + 1
-    while end < len(lines) and not lines[end].startswith("## "):
-        end += 1
-    return "".join(lines[start:end])
+    span = _section_span(lines, prefix)
+    return None if span is None else "".join(lines[span[0]:span[1]])
 
 
 def keep_note(old: str | None, new: str) -> str:
