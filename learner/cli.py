@@ -46,7 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     add_index_arguments(sub.add_parser("index", help="build a BM25 index from a Wikipedia dump"))
     add_experiment_arguments(sub.add_parser(
         "experiment", help="train a grid of estimators x tasks x seeds (resumable) and write docs/results.md"))
+    p_eval = sub.add_parser("evaluate", help="evaluate finished runs' saved policies on their held-out questions "
+                                          "(adds what eval.json lacks, e.g. a greedy evaluation)")
+    p_eval.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories of `turnrl train`")
+    p_eval.add_argument("--mode", choices=("sampled", "greedy", "both"), default="both",
+                        help="sampled at the training temperature (eval.json `trained`), greedy (`trained_greedy`) "
+                             "or both (default)")
+    p_eval.add_argument("--no-write", action="store_true", help="print the figures, leave eval.json as it is")
     args = parser.parse_args(argv)
+    if args.command == "evaluate":
+        _setup_logging()
+        return run_evaluate_command(args, sys.argv[1:] if argv is None else list(argv))
     if args.command == "index":
         _setup_logging()
         return run_index(args)
@@ -102,6 +112,22 @@ def main(argv: list[str] | None = None) -> int:
         build_warmstart(cfg, out_dir=args.out or cfg.model.path)
         return 0
     return 1
+
+
+def run_evaluate_command(args: argparse.Namespace, argv: list[str]) -> int:
+    """``turnrl evaluate RUN_DIR ...``: each run's saved policy, after training (learner/evaluate.py)."""
+    from learner.evaluate import describe, evaluate_run
+
+    modes = ("sampled", "greedy") if args.mode == "both" else (args.mode,)
+    command = shlex.join(["turnrl", *argv])
+    for run_dir in args.run_dirs:
+        try:
+            res = evaluate_run(run_dir, modes, write=not args.no_write, command=command)
+        except (ConfigError, FileNotFoundError, ValueError) as e:
+            print(f"turnrl: {e}", file=sys.stderr)
+            return 2
+        print(describe(res))
+    return 0
 
 
 # -- turnrl experiment ------------------------------------------------------------------------------
@@ -174,8 +200,9 @@ def run_experiment_command(args: argparse.Namespace, argv: list[str]) -> int:
             return 2
         record_session(out_dir, shlex.join(["turnrl", *argv]), outcome, started)
         failed = outcome.failed
-        elog.info("experiment: trained %d, skipped %d (done), failed %d, in %.1f min", len(outcome.trained),
-                 len(outcome.skipped), len(failed), outcome.wall_s / 60)
+        elog.info("experiment: trained %d, skipped %d (done; %d of them evaluated greedily from their saved "
+                  "policies), failed %d, in %.1f min", len(outcome.trained), len(outcome.skipped),
+                  len(outcome.evaluated), len(failed), outcome.wall_s / 60)
     if not args.no_report:
         if config_kind(exp.base_config) == "tensor":  # the tensor-agent section of the report
             from learner.tensor_results import write_agent_report

@@ -24,7 +24,7 @@ from typing import Any
 from common import metrics as M
 from common import telemetry as T
 from common.config import Config, save_config
-from common.modeling import check_model_dir
+from common.modeling import check_model_dir, load_tokenizer
 from env_workers.prepare import DataPaths, prepare_data
 from learner.async_loop import AsyncLoop
 from learner.checkpoint import (
@@ -184,6 +184,7 @@ def finish(trainer: "Trainer", loop: Any, results: dict[str, Any], resume_from: 
     if cfg.eval.greedy:
         results["trained_greedy"] = trainer.evaluate("trained_greedy", greedy=True)
     ray.get([lw.save_pretrained.remote(str((run_dir / "policy").resolve())) for lw in trainer.learners])
+    load_tokenizer(cfg.model.path).save_pretrained(str(run_dir / "policy"))  # a standalone model directory
     queue = ray.get(trainer.queue.stats.remote())
     summary = {
         "generator_versions": ray.get([g.version.remote() for g in trainer.generators]),

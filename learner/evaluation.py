@@ -13,6 +13,8 @@ from common import schema as S
 
 log = logging.getLogger(__name__)
 
+SAMPLED_KEY, GREEDY_KEY = "trained", "trained_greedy"  # eval.json: the trained policy sampled at the training
+# temperature, and greedy (eval.greedy); "warm_start" / "warm_start_greedy" for the starting policy
 EVAL_KEYS = ("exact_match", "tool_success", "answer_in_result", "format", "turns", "truncated")
 # held-out summary keys over the questions of two or more hops only (multi-hop task, :func:`multi_hop_summary`)
 MULTI_HOP_KEYS = ("multi_hop_answer_in_result", "multi_hop_exact_match", "multi_hop_searches",

@@ -39,6 +39,7 @@ from common.config_agent import AgentConfig, config_kind, load_agent_config
 from learner.credit import ESTIMATORS
 from learner.driver import train
 from learner.estimator_config import check_estimator_config
+from learner.evaluation import GREEDY_KEY
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +283,9 @@ class Outcome:
     trained: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    evaluated: list[str] = field(default_factory=list)  # done runs given the greedy evaluation they lacked
     wall_s: float = 0.0
+    evaluate_s: float = 0.0  # of wall_s, the time spent on those evaluations
 
 
 def train_any(cfg: Config | AgentConfig) -> Any:
@@ -294,18 +297,37 @@ def train_any(cfg: Config | AgentConfig) -> Any:
     return train(cfg)
 
 
+def lacks_greedy(cfg: Config | AgentConfig, run_dir: Path) -> bool:
+    """A done LLM run whose grid config asks for ``eval.greedy`` but whose eval.json has no greedy evaluation
+    (it trained with ``eval.greedy: false``): ``turnrl evaluate`` can add it from the saved policy."""
+    ev = finished_eval(run_dir)
+    return isinstance(cfg, Config) and cfg.eval.greedy and ev is not None and GREEDY_KEY not in ev
+
+
+def evaluate_greedy(run_dir: Path) -> Any:
+    """The greedy evaluation of a done run's saved policy, added to its eval.json (``learner.evaluate``), with a
+    sampled one that checks the saved policy against the run's own sampled evaluation (recorded beside it)."""
+    from learner.evaluate import evaluate_run
+
+    return evaluate_run(run_dir, ("sampled", "greedy"), command="turnrl experiment (eval.greedy: true)")
+
+
 def run_grid(exp: ExperimentConfig, runs: list[RunSpec], *,
-             train_fn: Callable[[Config], Any] | None = None) -> Outcome:
+             train_fn: Callable[[Config], Any] | None = None,
+             evaluate_fn: Callable[[Path], Any] | None = None) -> Outcome:
     """Train every run of ``runs`` that is not done, one after another in this process.
 
     Every run's config is built and validated before the first one starts. A partial run
     directory is deleted and the run redone; a done run is skipped (with a warning when its saved
-    config differs from what the grid would use now). Ray is shut down at the end, and after a
+    config differs from what the grid would use now), except that a done run lacking the greedy
+    evaluation the grid now asks for (``eval.greedy``) gets it from its saved policy, without training
+    again (``evaluate_fn``, default :func:`evaluate_greedy`). Ray is shut down at the end, and after a
     failed run, only if this call started it.
     """
     import ray
 
     train_fn = train_any if train_fn is None else train_fn
+    evaluate_fn = evaluate_greedy if evaluate_fn is None else evaluate_fn
     configs = build_configs(exp, runs)
     owns_ray = not ray.is_initialized()
     out, t_start = Outcome(), time.time()
@@ -317,6 +339,16 @@ def run_grid(exp: ExperimentConfig, runs: list[RunSpec], *,
             cfg = configs[spec.name]
             status = run_status(spec.run_dir)
             if status == "done":
+                if lacks_greedy(cfg, spec.run_dir):
+                    t0 = time.time()
+                    log.info("run %s: done; adding the greedy evaluation it lacks from its saved policy", spec.name)
+                    try:
+                        evaluate_fn(spec.run_dir)
+                        out.evaluated.append(spec.name)
+                    except Exception as e:  # noqa: BLE001 - the run stays done; its greedy cell stays empty
+                        log.warning("run %s: could not evaluate its saved policy (%s); it keeps no greedy "
+                                    "evaluation", spec.name, e)
+                    out.evaluate_s += time.time() - t0
                 _warn_drift(spec, cfg)
                 out.skipped.append(spec.name)
                 continue
@@ -366,6 +398,8 @@ def _warn_drift(spec: RunSpec, cfg: Config) -> None:
     except (OSError, yaml.YAMLError):
         return
     diffs = config_drift(saved or {}, cfg.to_dict())
+    if GREEDY_KEY in (finished_eval(spec.run_dir) or {}):  # evaluated greedily after training: nothing missing
+        diffs = [d for d in diffs if not d.startswith("eval.greedy:")]
     if diffs:
         log.warning("run %s is done but was trained with a different config (delete it to redo): %s",
                     spec.name, "; ".join(diffs[:8]) + (" ..." if len(diffs) > 8 else ""))

@@ -22,7 +22,8 @@ from typing import Any, Iterable
 from common import metrics as M
 from learner.tensor_results import old_section, replace_section, write_curve_csv
 from learner.curve_stats import bootstrap_ci, curve_area, paired_difference, steps_to_target
-from learner.evaluation import MULTI_HOP_KEYS
+from learner.evaluation import GREEDY_KEY, MULTI_HOP_KEYS, SAMPLED_KEY
+from learner.evaluate import PROVENANCE
 from learner.experiment import WARM_START, ExperimentConfig, RunSpec, finished_eval
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ COLUMNS = (("tool_success", "tool-execution success"), ("answer_in_result", "ans
            ("exact_match", "exact match"), ("format", "format score"))
 CURVES = ((M.REWARD_TOTAL, "reward (turn + outcome)"), (M.ANSWER_IN_RESULT, "answer in search result"),
           (M.EXACT_MATCH, "exact match"))
-SAMPLED, GREEDY = "trained", "trained_greedy"
+SAMPLED, GREEDY = SAMPLED_KEY, GREEDY_KEY
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 DISCUSSION = "## Discussion"
 DISCUSSION_PLACEHOLDER = (
@@ -226,11 +227,35 @@ def _overrides_text(overrides: dict[str, Any]) -> str:
 
 def wall_time_line(state: dict[str, Any], records: list[dict[str, Any]], cpus: int) -> str:
     sessions = [s for s in state.get("sessions", []) if s.get("trained") or s.get("failed")]
-    elapsed = sum(s.get("wall_s", 0.0) for s in sessions)
+    elapsed = sum(s.get("wall_s", 0.0) - s.get("evaluate_s", 0.0) for s in sessions)
     runs_sum = sum(r["wall_s"] for r in records)
-    return (f"**Wall time:** {elapsed / 60:.1f} min elapsed over {len(sessions)} invocation(s) that trained "
+    line = (f"**Wall time:** {elapsed / 60:.1f} min elapsed over {len(sessions)} invocation(s) that trained "
             f"runs; the {len(records)} finished runs took {runs_sum / 60:.1f} min together "
             f"(per-run `wall_time_s`), on a machine with {cpus} CPU core(s).")
+    evaluated = [s for s in state.get("sessions", []) if s.get("evaluated")]
+    if evaluated:
+        n = sum(len(s["evaluated"]) for s in evaluated)
+        line += (f" Evaluating {n} finished run(s) after training (`eval.greedy` added to the grid) took "
+                 f"{sum(s.get('evaluate_s', 0.0) for s in evaluated) / 60:.1f} min more.")
+    return line
+
+
+def after_training_line(records: list[dict[str, Any]]) -> str | None:
+    """Which greedy evaluations were taken after training from the saved policy (``learner.evaluate``), and how
+    closely that policy's sampled re-evaluation matched the run's own (None when every run evaluated itself)."""
+    later = [r for r in records if GREEDY in r["eval"].get(PROVENANCE, {})]
+    if not later:
+        return None
+    checks = [r["eval"][PROVENANCE][GREEDY].get("max_diff_from_recorded", {}).get(SAMPLED) for r in later]
+    checked = [c for c in checks if c is not None]
+    tasks = ", ".join(f"{t} {sum(r['task'] == t for r in later)}" for t in dict.fromkeys(r["task"] for r in later))
+    line = (f"The greedy evaluations of {len(later)} run(s) ({tasks}) were taken after training, from each run's "
+            "saved `policy/` on the same questions (`turnrl evaluate`; eval.json `evaluated_after_training`), because "
+            "those runs trained with `eval.greedy: false`.")
+    if checked:
+        line += (f" A sampled re-evaluation of the same saved policies differed from the runs' own sampled "
+                 f"evaluations by at most {max(checked):.3f} ({len(checked)} of {len(later)} checked).")
+    return line
 
 
 # paired besides every estimator against MT-GRPO: turn rewards under a critic; tree rollouts against merged rewards
@@ -340,7 +365,7 @@ def render(exp: ExperimentConfig, records: list[dict[str, Any]], state: dict[str
     order = {t: ([WARM_START] if exp.warm_start_baseline else []) + list(spec.estimators)
              for t, spec in exp.tasks.items()}
     commands = list(dict.fromkeys(s["command"] for s in state.get("sessions", [])
-                                  if s.get("trained") or s.get("failed")))
+                                  if s.get("trained") or s.get("failed") or s.get("evaluated")))
     command = ("**Command:** `" + commands[0] + "`" if len(commands) == 1 else
                "**Commands** (in order of first use): " + "; ".join(f"`{c}`" for c in commands) if commands
                else "**Command:** `turnrl experiment --config <experiment.yaml>` (no recorded invocation)")
@@ -371,7 +396,8 @@ def render(exp: ExperimentConfig, records: list[dict[str, Any]], state: dict[str
         "## Results: greedy evaluation", "",
     ]
     if greedy:
-        lines += tables(greedy, "###")
+        later = after_training_line(records)
+        lines += ([later, ""] if later else []) + tables(greedy, "###")
     else:
         lines += ["Not measured (`eval.greedy: false` in these runs).", ""]
     lines += held_out_section(records, order)

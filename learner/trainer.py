@@ -100,6 +100,45 @@ def judge_client_kwargs(cfg: Config) -> dict[str, Any]:
             "outcome_template": j.outcome_template, "max_field_chars": j.max_field_chars}
 
 
+def held_out_questions(cfg: Config, data: DataPaths) -> list[dict]:
+    """The run's held-out questions: ``eval.num_questions`` of the eval split, shuffled by the run seed (the
+    same questions for every estimator of a seed, and for a later ``turnrl evaluate`` of the run)."""
+    questions = load_questions(data.eval, max_hops=cfg.data.max_hops)
+    random.Random(cfg.run.seed + 17).shuffle(questions)
+    return questions[: cfg.eval.num_questions]
+
+
+def sampling_params(cfg: Config, *, greedy: bool = False, seed: int | None = None) -> SamplingParams:
+    """``generation.*`` as the generators' sampling parameters (greedy: argmax decoding, the rest unchanged)."""
+    gc = cfg.generation
+    return SamplingParams(temperature=gc.temperature, top_p=gc.top_p, top_k=gc.top_k,
+                          max_new_tokens=gc.max_tokens_per_turn, greedy=greedy, stop=list(gc.stop), seed=seed)
+
+
+def make_env_workers(cfg: Config, data: DataPaths, judge: JudgeClient | None = None) -> list:
+    """``env.num_workers`` Wikipedia-search env worker actors over the run's index (``env.*``)."""
+    import ray
+
+    return [ray.remote(EnvWorker).options(num_cpus=cfg.env.num_cpus, max_restarts=cfg.env.max_restarts).remote(
+                str(data.index_dir), make_env_kwargs(cfg), step_latency_s=cfg.env.step_latency_s, judge=judge)
+            for _ in range(cfg.env.num_workers)]
+
+
+def evaluate_policy(cfg: Config, rollout: Any, questions: list[dict], label: str, *, greedy: bool) -> dict[str, float]:
+    """One held-out evaluation through a rollout worker: an episode per question (group size 1, judge off, not
+    queued), sampled at the training temperature with the seed ``run.seed + 99`` or greedy; the summary of
+    :func:`learner.evaluation.summarize_episodes` plus the multi-hop figures when some question has two hops."""
+    import ray
+
+    res = ray.get(rollout.run.remote(
+        [{**q, "judge": False} for q in questions], group_size=1, first_group_id=-(10**9), first_episode_id=-(10**9),
+        params=sampling_params(cfg, greedy=greedy, seed=cfg.run.seed + 99), to_queue=False, tree=False))
+    summary = summarize_episodes(res["episodes"])
+    summary.update(multi_hop_summary(res["episodes"], questions))  # {} without multi-hop questions
+    log.info("eval %s: %s", label, {k: round(v, 3) for k, v in summary.items()})
+    return summary
+
+
 class JudgeCounters:
     """Per-step ``judge/*`` metrics and ``perf/time/judge_s`` from the env workers' running judge counts.
 
@@ -184,17 +223,12 @@ class Trainer:
         import ray
 
         self.cfg, self.run_dir = cfg, run_dir
-        self.SamplingParams = SamplingParams
         register_arrow_serializers()  # tables this process sends the learners travel as one Arrow IPC buffer
         model_path = str(Path(cfg.model.path).resolve())
         self.train_questions = load_questions(data.train, max_hops=cfg.data.max_hops)
-        self.eval_questions = load_questions(data.eval, max_hops=cfg.data.max_hops)
-        rnd = random.Random(cfg.run.seed + 17)
-        rnd.shuffle(self.eval_questions)
-        self.eval_questions = self.eval_questions[: cfg.eval.num_questions]
+        self.eval_questions = held_out_questions(cfg, data)
         self.sampler = QuestionSampler(self.train_questions, cfg.run.seed)
 
-        env_kwargs = make_env_kwargs(cfg)
         g = cfg.generators
         log.info("torch threads: %d per generator, %d per learner rank (rollout.mode %s)", *torch_threads(cfg),
                  cfg.rollout.mode)
@@ -215,11 +249,7 @@ class Trainer:
             for _ in range(j.num_actors if j.enabled else 0)]
         judge = JudgeClient(self.judges, **judge_client_kwargs(cfg)) if self.judges else None
         self.judge_counters = JudgeCounters()
-        self.env_workers = [
-            ray.remote(EnvWorker).options(num_cpus=cfg.env.num_cpus, max_restarts=cfg.env.max_restarts).remote(
-                str(data.index_dir), env_kwargs, step_latency_s=cfg.env.step_latency_s, judge=judge)
-            for _ in range(cfg.env.num_workers)
-        ]
+        self.env_workers = make_env_workers(cfg, data, judge)
         self.queue = ray.remote(ReplayQueue).options(num_cpus=0).remote(**cfg.queue.queue_kwargs())
         self.rollouts = [  # rollout.num_workers (async): that many rollout calls may run at once
             ray.remote(RolloutWorker).options(num_cpus=0, max_restarts=cfg.rollout.max_restarts).remote(
@@ -253,10 +283,7 @@ class Trainer:
 
     # -- phases -----------------------------------------------------------------------------
     def sampling(self, *, greedy: bool = False, seed: int | None = None):
-        gc = self.cfg.generation
-        return self.SamplingParams(temperature=gc.temperature, top_p=gc.top_p, top_k=gc.top_k,
-                                   max_new_tokens=gc.max_tokens_per_turn, greedy=greedy, stop=list(gc.stop),
-                                   seed=seed)
+        return sampling_params(self.cfg, greedy=greedy, seed=seed)
 
     def rollout_phase(self, questions: list[dict], step: int) -> dict[str, Any]:
         # G episodes per question; run again under new ids if the rollout worker dies (learner/faults.py)
@@ -289,15 +316,7 @@ class Trainer:
         return time.time() - t0
 
     def evaluate(self, label: str, greedy: bool) -> dict[str, float]:
-        import ray
-
-        res = ray.get(self.rollout.run.remote(
-            [{**q, "judge": False} for q in self.eval_questions], group_size=1, first_group_id=-(10**9), first_episode_id=-(10**9),
-            params=self.sampling(greedy=greedy, seed=self.cfg.run.seed + 99), to_queue=False, tree=False))
-        summary = summarize_episodes(res["episodes"])
-        summary.update(multi_hop_summary(res["episodes"], self.eval_questions))  # {} without multi-hop questions
-        log.info("eval %s: %s", label, {k: round(v, 3) for k, v in summary.items()})
-        return summary
+        return evaluate_policy(self.cfg, self.rollout, self.eval_questions, label, greedy=greedy)
 
     def judge_metrics(self) -> dict[str, float]:
         """The step's ``judge/*`` metrics and ``perf/time/judge_s`` ({} without a judge)."""
