@@ -392,12 +392,27 @@ def build_configs(exp: ExperimentConfig, runs: list[RunSpec]) -> dict[str, Confi
     return configs
 
 
-def _warn_drift(spec: RunSpec, cfg: Config) -> None:
+def saved_config(run_dir: Path, like: Config | AgentConfig) -> dict[str, Any] | None:
+    """A run's ``config.yaml`` loaded as a config now (keys added since the run take their defaults, which keep
+    the old behaviour), as a dict; the raw YAML if it no longer loads; None if it is missing or unreadable."""
+    path = run_dir / "config.yaml"
     try:
-        saved = yaml.safe_load((spec.run_dir / "config.yaml").read_text())
+        raw = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError):
+        return None
+    try:
+        return (load_agent_config if isinstance(like, AgentConfig) else load_config)(str(path), []).to_dict()
+    except ConfigError:
+        return raw
+
+
+def _warn_drift(spec: RunSpec, cfg: Config | AgentConfig) -> None:
+    saved = saved_config(spec.run_dir, cfg)
+    if saved is None:
         return
-    diffs = config_drift(saved or {}, cfg.to_dict())
+    diffs = config_drift(saved, cfg.to_dict())
+    if Path(str(saved.get("run", {}).get("run_dir"))).resolve() == Path(str(cfg.run.run_dir)).resolve():
+        diffs = [d for d in diffs if not d.startswith("run.run_dir:")]  # the same directory, spelled otherwise
     if GREEDY_KEY in (finished_eval(spec.run_dir) or {}):  # evaluated greedily after training: nothing missing
         diffs = [d for d in diffs if not d.startswith("eval.greedy:")]
     if diffs:

@@ -269,20 +269,23 @@ def _held_out(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_runs_csv(records: list[dict[str, Any]], path: Path) -> int:
-    """``runs.csv``: one row per run x held-out evaluation step x metric, to recompute every number from."""
-    return write_curve_csv(_held_out(records), (*(k for k, _ in COLUMNS), *MULTI_HOP_KEYS), path)
+    """``runs.csv``: one row per run x held-out evaluation x metric, to recompute every number from: the trained
+    runs' curves and greedy evaluations, and the warm-start runs' (step 0, where a curve without one starts)."""
+    kept = _held_out(records) + [r for r in records if r["estimator"] == WARM_START]
+    return write_curve_csv(kept, (*(k for k, _ in COLUMNS), *MULTI_HOP_KEYS), path)
 
 
 def held_out_section(records: list[dict[str, Any]], order: dict[str, list[str]]) -> list[str]:
-    """Per task: final exact match and area under the held-out answer-in-result curve with 95 % bootstrap
-    intervals, steps to the target per seed, the action tokens sampled per run (what a run cost: a tree samples
+    """Per task: final exact match (sampled, and greedy where evaluated) and area under the held-out
+    answer-in-result curve with 95 % bootstrap intervals, steps to the target per seed, the action tokens sampled per run (what a run cost: a tree samples
     its shared turns once), and each estimator paired (same seeds) against MT-GRPO."""
     runs = _held_out(records)
     if not runs:
         return []
     key, target = HELD_OUT_TARGET
     lines = ["## Held-out learning (`eval.every_steps`)", "",
-             f"From each run's held-out curve (`eval.json` `curve`; every point in `runs.csv`): final exact match, "
+             f"From each run's held-out curve (`eval.json` `curve`; every point in `runs.csv`): final exact match "
+             "(sampled; greedy from `trained_greedy`), "
              f"area under the {key} curve (its mean level over training: quicker scores higher), and the first "
              f"evaluated step with {key} >= {target}; a curve starts at step 0 with the seed's warm-start run when the "
              "run did not evaluate before training. Intervals: 95 % percentile bootstrap over seeds. Pairs: "
@@ -296,28 +299,35 @@ def held_out_section(records: list[dict[str, Any]], order: dict[str, list[str]])
                 by_est.setdefault(r["estimator"], {})[r["seed"]] = r
         if not by_est:
             continue
-        lines += [f"### {task}", "", f"| estimator | final exact match | area under {key} | steps to {key} >= {target} "
-                  "(per seed) | generated tokens per run (k) | seeds |", "|---|---|---|---|---|---|"]
+        lines += [f"### {task}", "", f"| estimator | final exact match | final greedy exact match | area under {key} | "
+                  f"steps to {key} >= {target} (per seed) | generated tokens per run (k) | seeds |",
+                  "|---|---|---|---|---|---|---|"]
         figures: dict[str, dict[str, dict[int, float]]] = {}
         for est in [e for e in estimators if e in by_est]:
             seeds = by_est[est]
             curves = {s: ([(0, start[(task, s)][key])] if (task, s) in start and r["eval"]["curve"][0]["step"] > 0
                           else []) + [(p["step"], p[key]) for p in r["eval"]["curve"]] for s, r in seeds.items()}
             em = {s: float(r["eval"][SAMPLED]["exact_match"]) for s, r in seeds.items()}
+            greedy = {s: float(r["eval"][GREEDY]["exact_match"]) for s, r in seeds.items()
+                      if "exact_match" in (r["eval"].get(GREEDY) or {})}
             area = {s: curve_area(c) for s, c in curves.items()}
-            figures[est] = {"em": em, "area": area}
+            figures[est] = {"em": em, "area": area, "greedy": greedy}
             reached = [steps_to_target(curves[s], target) for s in sorted(curves)]
             reach = ", ".join("never" if n is None else str(n) for n in reached)
             ci = lambda d: "{:.3f} [{:.3f}, {:.3f}]".format(*bootstrap_ci(list(d.values())))  # noqa: E731
             tokens = [r["generated_tokens"] for r in seeds.values() if r.get("generated_tokens") is not None]
             cost = f"{sum(tokens) / len(tokens) / 1e3:.0f}" if tokens else "n/a"
-            lines.append(f"| {est} | {ci(em)} | {ci(area)} | {reach} | {cost} | {len(seeds)} |")
+            lines.append(f"| {est} | {ci(em)} | {ci(greedy) if greedy else '–'} | {ci(area)} | {reach} | {cost} | "
+                         f"{len(seeds)} |")
         lines.append("")
         ref = next((e for e in ("mt_grpo", "mt_grpo_k") if e in figures), None)
         pairs = [(ref, e) for e in figures if ref and e != ref]
         pairs += [(a, b) for a, b in EXTRA_PAIRS if a in figures and b in figures]
         for ref, est in pairs:
-            for name, label in (("area", f"area under {key}"), ("em", "final exact match")):
+            for name, label in (("area", f"area under {key}"), ("em", "final exact match"),
+                                ("greedy", "final greedy exact match")):
+                if not set(figures[ref][name]) & set(figures[est][name]):
+                    continue  # e.g. no greedy evaluation in these runs
                 d = paired_difference(figures[ref][name], figures[est][name])
                 verdict = {"a better": f"{ref} higher", "b better": f"{est} higher"}.get(d["verdict"], d["verdict"])
                 lines.append(f"- {ref} - {est}, {label}: {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] "

@@ -124,14 +124,27 @@ def plot_agent_curves(records: list[dict[str, Any]], task: str, estimators: list
     return out
 
 
+def evaluation_points(record: dict[str, Any]) -> list[tuple[int, str, dict[str, Any]]]:
+    """A run's held-out evaluations as (step, decoding, figures): its curve (sampled), or without one its
+    ``trained`` evaluation at its last step (a warm-start run: step 0); and its greedy ``trained_greedy``."""
+    ev = record["eval"]
+    last = int(ev.get("steps") or 0)
+    points = [(int(p["step"]), "sampled", p) for p in ev.get("curve", [])] or [(last, "sampled", ev["trained"])]
+    if isinstance(ev.get("trained_greedy"), dict):
+        points.append((last, "greedy", ev["trained_greedy"]))
+    return points
+
+
 def write_curve_csv(records: list[dict[str, Any]], keys: tuple[str, ...], path: Path) -> int:
-    """``runs.csv``: one row per run x held-out evaluation step x metric (of ``keys``), to recompute every number
-    from; returns the rows written. The LLM report (``learner.results``) writes its own with this too."""
-    rows = [{"task": r["task"], "estimator": r["estimator"], "seed": r["seed"], "run": r["name"], "step": p["step"],
-             "metric": k, "value": p[k]} for r in records for p in r["eval"]["curve"] for k in keys if k in p]
+    """``runs.csv``: one row per run x held-out evaluation (:func:`evaluation_points`) x metric (of ``keys``), to
+    recompute every number from; returns the rows written. The LLM report (``learner.results``) writes its own
+    with this too."""
+    rows = [{"task": r["task"], "estimator": r["estimator"], "seed": r["seed"], "run": r["name"], "step": step,
+             "decoding": decoding, "metric": k, "value": p[k]}
+            for r in records for step, decoding, p in evaluation_points(r) for k in keys if k in p]
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["task", "estimator", "seed", "run", "step", "metric", "value"])
+        w = csv.DictWriter(f, fieldnames=["task", "estimator", "seed", "run", "step", "decoding", "metric", "value"])
         w.writeheader()
         w.writerows(rows)
     return len(rows)

@@ -96,6 +96,32 @@ def test_config_drift_names_the_changed_keys():
     assert config_drift(now, now) == []
 
 
+def test_drift_warning_ignores_keys_added_since_the_run_and_names_real_changes(tmp_path, monkeypatch, caplog):
+    """An old run's config.yaml lacks keys added later (their defaults keep the old behaviour) and spells its
+    run_dir relative; neither is drift. A changed value is, and the warning names it."""
+    import logging
+
+    monkeypatch.chdir(tmp_path)
+    exp = load_experiment(_write_exp(tmp_path, seeds=[0], out_dir="runs"))
+    runs = expand_grid(exp, out_dir=tmp_path / "runs")  # absolute, as with --out
+    configs = build_configs(exp, runs)
+    old, changed = runs[0], runs[1]
+    for spec in (old, changed):
+        tree = configs[spec.name].to_dict()
+        tree["run"]["run_dir"] = f"runs/{spec.name}"
+        del tree["algorithm"]["critic_lr"], tree["rollout"]["tree"]  # not there when the run trained
+        if spec is changed:
+            tree["learner"]["lr"] = 0.123
+        spec.run_dir.mkdir(parents=True)
+        (spec.run_dir / "config.yaml").write_text(yaml.safe_dump(tree))
+        (spec.run_dir / "eval.json").write_text(json.dumps({"trained": {"exact_match": 0.1}, "trained_greedy": {}}))
+    with caplog.at_level(logging.WARNING, logger="learner.experiment"):
+        run_grid(exp, [old, changed], train_fn=lambda cfg: None)
+    warnings = [r.getMessage() for r in caplog.records if "different config" in r.getMessage()]
+    assert len(warnings) == 1 and changed.name in warnings[0], warnings
+    assert "learner.lr: 0.123 -> " in warnings[0] and "critic_lr" not in warnings[0] and "run_dir" not in warnings[0]
+
+
 def test_select_runs_by_glob(tmp_path):
     runs = expand_grid(load_experiment(_write_exp(tmp_path)))
     assert {r.name for r in select_runs(runs, ["multi_hop-*-seed0"])} == {"multi_hop-warm_start-seed0",
@@ -396,10 +422,16 @@ def test_held_out_curves_give_areas_steps_to_target_and_paired_verdicts(tmp_path
             ev = json.loads((d / "eval.json").read_text())
             ev["curve"] = [{"step": 5 * i, "answer_in_result": a + 0.01 * seed, "exact_match": 0.05 * i,
                             "tool_success": 1.0, "format": 1.0} for i, a in enumerate(air)]
+            ev["trained_greedy"] = {"exact_match": (0.5 if est == "mt_grpo" else 0.3) + 0.01 * seed}
             (d / "eval.json").write_text(json.dumps(ev))
     report = write_report(exp, runs, {}, 2).read_text()
     rows = list(csv.DictReader((tmp_path / "docs/results/runs.csv").open()))
-    assert len(rows) == 2 * 3 * 4 * 4  # estimators x seeds x evaluations x metrics
+    sampled = [r for r in rows if r["decoding"] == "sampled"]
+    assert len(sampled) == 2 * 3 * 4 * 4  # estimators x seeds x evaluations x metrics
+    greedy = [r for r in rows if r["decoding"] == "greedy"]  # the final greedy evaluation, at the last step
+    assert len(greedy) == 2 * 3 and {(r["metric"], r["step"]) for r in greedy} == {("exact_match", "4")}
+    mt_greedy = sorted(float(r["value"]) for r in greedy if r["estimator"] == "mt_grpo")
+    assert mt_greedy == pytest.approx([0.5, 0.51, 0.52])  # the report's 0.510 [0.500, 0.520], from runs.csv
     assert {r["metric"] for r in rows} == {"tool_success", "answer_in_result", "exact_match", "format"}
     section = report.split("## Held-out learning", 1)[1].split("\n## ", 1)[0]
     assert "| mt_grpo |" in section and "| 5, 5, 5 |" in section and "| 15, 15, 15 |" in section
@@ -408,6 +440,9 @@ def test_held_out_curves_give_areas_steps_to_target_and_paired_verdicts(tmp_path
     assert "mt_grpo - grpo_or, area under answer_in_result: +0.308" in section
     assert "mt_grpo higher" in section.split("area under answer_in_result: +0.308", 1)[1].split("\n", 1)[0]
     assert "final exact match: +0.000" in section and "not distinguishable" in section
+    assert "| mt_grpo | 0.210 [0.200, 0.220] | 0.510 [0.500, 0.520] |" in section  # sampled, greedy
+    greedy_pair = section.split("mt_grpo - grpo_or, final greedy exact match: ", 1)[1].split("\n", 1)[0]
+    assert greedy_pair.startswith("+0.200 [+0.200, +0.200]") and greedy_pair.endswith("mt_grpo higher")
 
 
 def test_a_variant_runs_an_estimator_with_its_own_settings(tmp_path):
@@ -452,7 +487,9 @@ def test_a_held_out_curve_without_step_0_starts_from_the_seeds_warm_start_run(tm
     (d / "eval.json").write_text(json.dumps(ev))
     text = "\n".join(held_out_section(load_records(runs), {"two_turn": ["mt_grpo"]}))
     # points (0, 0.2), (10, 1.0), (20, 1.0): area (10 * 0.6 + 10 * 1.0) / 20 = 0.8; 0.8 first reached at step 10
-    assert "| mt_grpo | 0.300 [0.300, 0.300] | 0.800 [0.800, 0.800] | 10 | 0 | 1 |" in text  # 0: no tokens logged
+    # –: no greedy evaluation; 0: no tokens logged
+    assert "| mt_grpo | 0.300 [0.300, 0.300] | – | 0.800 [0.800, 0.800] | 10 | 0 | 1 |" in text
+    assert "greedy" not in text.split("|---|", 1)[1]  # and no greedy pair line
 
 
 def test_the_second_search_section_reports_the_multi_hop_figures_with_intervals(tmp_path):

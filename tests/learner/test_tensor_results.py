@@ -64,7 +64,9 @@ def test_section_numbers_pairs_and_kept_text(tmp_path):
                      section)
     assert (tmp_path / "figs/arm_curves.png").is_file()
     csv_rows = (tmp_path / "figs/arm_runs.csv").read_text().splitlines()
-    assert csv_rows[0] == "task,estimator,seed,run,step,metric,value" and len(csv_rows) == 1 + 25 * 4 * 5  # 25 arm runs x 4 points x 5 metrics
+    assert csv_rows[0] == "task,estimator,seed,run,step,decoding,metric,value"
+    # 25 arm runs x (4 sampled points x 5 metrics + the greedy success at the last step)
+    assert len(csv_rows) == 1 + 25 * (4 * 5 + 1) and sum(",greedy,success," in r for r in csv_rows) == 25
     # a hand-written note between the markers survives a rewrite; the section is replaced, not duplicated
     text = text.replace(f"{NOTE_START}\n", f"{NOTE_START}\nThe arm says yes.\n", 1)
     report.write_text(text)
