@@ -26,7 +26,7 @@ import logging
 import math
 import re
 import string
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 logger = logging.getLogger(__name__)
 

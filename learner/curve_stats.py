@@ -7,14 +7,16 @@ A *curve* is a list of ``(step, value)`` points of one run's held-out evaluation
 - :func:`curve_area`: the normalised area under the curve (trapezoids over the evaluated steps,
   divided by the step span): the mean level over training, so "quicker" counts, not only the end;
 - :func:`bootstrap_ci`: a percentile bootstrap interval of the mean;
+- :func:`mean_std`, :func:`smooth`, :func:`mean_curve`: the mean ± std over seeds of (smoothed) curves;
 - :func:`paired_difference`: the mean of per-seed differences (same seed = same data order and warm
   start) with its bootstrap interval, and a plain verdict.
 """
 
 from __future__ import annotations
 
+import math
 import random
-from typing import Sequence
+from typing import Iterable, Sequence
 
 Curve = Sequence[tuple[int, float]]
 
@@ -76,3 +78,33 @@ def paired_difference(a: dict[int, float], b: dict[int, float], *, higher_is_bet
     else:
         verdict = "not distinguishable"
     return {"mean": mean, "low": lo, "high": hi, "seeds": seeds, "verdict": verdict}
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
+    """``(mean, sample std, n)``; std uses n - 1 and is 0 for one value; ``(nan, nan, 0)`` for none."""
+    xs = [float(v) for v in values]
+    n = len(xs)
+    if n == 0:
+        return math.nan, math.nan, 0
+    mean = sum(xs) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
+    return mean, std, n
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average over ``window`` points (shorter at the start)."""
+    out = []
+    for i in range(len(values)):
+        part = values[max(0, i - window + 1):i + 1]
+        out.append(sum(part) / len(part))
+    return out
+
+
+def mean_curve(curves: list[dict[int, float]], window: int = 1) -> tuple[list[int], list[float], list[float]]:
+    """Steps logged by every seed, and the mean and sample std over seeds of the smoothed curves."""
+    if not curves:
+        return [], [], []
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    smoothed = [smooth([c[s] for s in steps], window) for c in curves]
+    stats = [mean_std(col) for col in zip(*smoothed)]
+    return steps, [m for m, _, _ in stats], [s for _, s, _ in stats]

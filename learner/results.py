@@ -17,13 +17,14 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from common import metrics as M
 from learner.tensor_results import old_section, replace_section, write_curve_csv
-from learner.curve_stats import bootstrap_ci, curve_area, paired_difference, steps_to_target
+from learner.curve_stats import bootstrap_ci, curve_area, mean_std, paired_difference, steps_to_target
 from learner.evaluation import GREEDY_KEY, MULTI_HOP_KEYS, SAMPLED_KEY
 from learner.evaluate import PROVENANCE
+from learner.results_plots import CURVES, palette, plot_held_out, plot_task
 from learner.experiment import WARM_START, ExperimentConfig, RunSpec, finished_eval
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,6 @@ log = logging.getLogger(__name__)
 # contains the answer, exact match, format)
 COLUMNS = (("tool_success", "tool-execution success"), ("answer_in_result", "answer in search result"),
            ("exact_match", "exact match"), ("format", "format score"))
-CURVES = ((M.REWARD_TOTAL, "reward (turn + outcome)"), (M.ANSWER_IN_RESULT, "answer in search result"),
-          (M.EXACT_MATCH, "exact match"))
 SAMPLED, GREEDY = SAMPLED_KEY, GREEDY_KEY
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 DISCUSSION = "## Discussion"
@@ -51,17 +50,6 @@ DISCUSSION_PLACEHOLDER = (
 # ---------------------------------------------------------------------------------------------
 
 
-def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
-    """``(mean, sample std, n)``; std uses n - 1 and is 0 for one value; ``(nan, nan, 0)`` for none."""
-    xs = [float(v) for v in values]
-    n = len(xs)
-    if n == 0:
-        return math.nan, math.nan, 0
-    mean = sum(xs) / n
-    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
-    return mean, std, n
-
-
 def aggregate(records: list[dict[str, Any]], eval_key: str) -> dict[tuple[str, str], dict[str, tuple]]:
     """``{(task, estimator): {column: (mean, std, n)}}`` over the records' ``eval[eval_key]``."""
     groups: dict[tuple[str, str], list[dict[str, float]]] = {}
@@ -70,25 +58,6 @@ def aggregate(records: list[dict[str, Any]], eval_key: str) -> dict[tuple[str, s
             groups.setdefault((r["task"], r["estimator"]), []).append(r["eval"][eval_key])
     return {key: {col: mean_std(e[col] for e in evals if col in e) for col, _ in COLUMNS}
             for key, evals in groups.items()}
-
-
-def smooth(values: list[float], window: int) -> list[float]:
-    """Trailing moving average over ``window`` points (shorter at the start)."""
-    out = []
-    for i in range(len(values)):
-        part = values[max(0, i - window + 1):i + 1]
-        out.append(sum(part) / len(part))
-    return out
-
-
-def mean_curve(curves: list[dict[int, float]], window: int = 1) -> tuple[list[int], list[float], list[float]]:
-    """Steps logged by every seed, and the mean and sample std over seeds of the smoothed curves."""
-    if not curves:
-        return [], [], []
-    steps = sorted(set.intersection(*(set(c) for c in curves)))
-    smoothed = [smooth([c[s] for s in steps], window) for c in curves]
-    stats = [mean_std(col) for col in zip(*smoothed)]
-    return steps, [m for m, _, _ in stats], [s for _, s, _ in stats]
 
 
 def fmt_cell(stat: tuple[float, float, int] | None) -> str:
@@ -186,41 +155,6 @@ def generated_tokens(rows: list[dict[str, Any]]) -> float | None:
     return total if rows else None
 
 
-def plot_task(records: list[dict[str, Any]], task: str, estimators: list[str], out_path: Path,
-              window: int, colours: dict[str, str] | None = None) -> Path | None:
-    """One PNG per task: each curve of :data:`CURVES` vs step, a line per estimator (mean over seeds,
-    band ± 1 std); ``colours`` keeps an estimator's colour the same across tasks."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = [r for r in records if r["task"] == task and any(r["curves"][k] for k, _ in CURVES)]
-    if not runs:
-        return None
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.4))
-    for ax, (key, title) in zip(axes, CURVES):
-        for est in estimators:
-            steps, mean, std = mean_curve([r["curves"][key] for r in runs if r["estimator"] == est and
-                                           r["curves"][key]], window)
-            if not steps:
-                continue
-            n = sum(1 for r in runs if r["estimator"] == est)
-            (line,) = ax.plot(steps, mean, lw=1.8, label=f"{est} (n={n})", color=(colours or {}).get(est))
-            ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                            color=line.get_color(), alpha=0.18, lw=0)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("training step")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{task}: training batches, mean over seeds ± 1 std (moving average {window})", fontsize=10)
-    fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path
-
-
 def _overrides_text(overrides: dict[str, Any]) -> str:
     return ", ".join(f"`{k}={json.dumps(v)}`" for k, v in overrides.items()) or "none"
 
@@ -268,6 +202,20 @@ def _held_out(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r["estimator"] != WARM_START and len(r["eval"].get("curve", [])) >= 2]
 
 
+def warm_starts(records: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, float]]:
+    """(task, seed) -> the warm-start run's sampled evaluation (where every curve of that task and seed starts)."""
+    return {(r["task"], r["seed"]): r["eval"][SAMPLED] for r in records if r["estimator"] == WARM_START}
+
+
+def held_out_curve(record: dict[str, Any], start: dict[str, float] | None, key: str) -> list[tuple[int, float]]:
+    """A run's held-out ``(step, value)`` curve of ``key``, beginning at step 0 with ``start`` (its seed's warm-start
+    evaluation) when the run did not evaluate before training."""
+    pts = [(int(p["step"]), float(p[key])) for p in record["eval"].get("curve", []) if key in p]
+    if start is not None and key in start and pts and pts[0][0] > 0:
+        pts.insert(0, (0, float(start[key])))
+    return pts
+
+
 def write_runs_csv(records: list[dict[str, Any]], path: Path) -> int:
     """``runs.csv``: one row per run x held-out evaluation x metric, to recompute every number from: the trained
     runs' curves and greedy evaluations, and the warm-start runs' (step 0, where a curve without one starts)."""
@@ -291,7 +239,7 @@ def held_out_section(records: list[dict[str, Any]], order: dict[str, list[str]])
              "run did not evaluate before training. Intervals: 95 % percentile bootstrap over seeds. Pairs: "
              "the per-seed difference (same seed = same data order and warm start), with a verdict only when "
              "its interval excludes 0.", ""]
-    start = {(r["task"], r["seed"]): r["eval"][SAMPLED] for r in records if r["estimator"] == WARM_START}
+    start = warm_starts(records)
     for task, estimators in order.items():
         by_est: dict[str, dict[int, dict[str, Any]]] = {}
         for r in runs:
@@ -305,8 +253,7 @@ def held_out_section(records: list[dict[str, Any]], order: dict[str, list[str]])
         figures: dict[str, dict[str, dict[int, float]]] = {}
         for est in [e for e in estimators if e in by_est]:
             seeds = by_est[est]
-            curves = {s: ([(0, start[(task, s)][key])] if (task, s) in start and r["eval"]["curve"][0]["step"] > 0
-                          else []) + [(p["step"], p[key]) for p in r["eval"]["curve"]] for s, r in seeds.items()}
+            curves = {s: held_out_curve(r, start.get((task, s)), key) for s, r in seeds.items()}
             em = {s: float(r["eval"][SAMPLED]["exact_match"]) for s, r in seeds.items()}
             greedy = {s: float(r["eval"][GREEDY]["exact_match"]) for s, r in seeds.items()
                       if "exact_match" in (r["eval"].get(GREEDY) or {})}
@@ -413,14 +360,22 @@ def render(exp: ExperimentConfig, records: list[dict[str, Any]], state: dict[str
     lines += held_out_section(records, order)
     lines += second_search_section(records, order)
     lines += [DISCUSSION_PLACEHOLDER.rstrip("\n"), "", "## Learning curves", ""]
-    for task, fig in figures.items():
-        rel = os.path.relpath(fig, report_path.parent)
-        lines += [f"![{task} learning curves]({rel})", ""]
+    key, target = HELD_OUT_TARGET
+    captions = {
+        "held_out": f"Held-out evaluations (questions never trained on) against training step, from step 0 (the warm "
+                    "start): mean over seeds, band: 95 % bootstrap interval of the mean. Right: steps to held-out "
+                    f"{key} >= {target}, per seed (dots; x: not reached within the budget), bar: the median "
+                    "(hatched when most seeds never reached it).",
+        "training": "Training-batch metrics per step, smoothed per seed with a moving average of "
+                    f"{exp.report.smooth} step(s), then averaged over seeds (band: ± 1 std).",
+    }
+    for task, figs in figures.items():
+        for kind, fig in figs:
+            rel = os.path.relpath(fig, report_path.parent)
+            lines += [f"![{task} {kind.replace('_', '-')} curves]({rel})", "", captions[kind], ""]
     if not figures:
         lines += ["No finished run logged a training step yet.", ""]
-    lines += ["Training-batch metrics per step, smoothed per seed with a moving average of "
-              f"{exp.report.smooth} step(s), then averaged over seeds (band: ± 1 std).", "",
-              "## Runs", "", "| run | steps | " + " | ".join(t for _, t in COLUMNS) + " | wall s |",
+    lines += ["## Runs", "", "| run | steps | " + " | ".join(t for _, t in COLUMNS) + " | wall s |",
               "|" + "---|" * (len(COLUMNS) + 3)]
     for r in sorted(records, key=lambda r: (r["task"], r["estimator"], r["seed"])):
         ev = r["eval"][SAMPLED]
@@ -435,19 +390,47 @@ def render(exp: ExperimentConfig, records: list[dict[str, Any]], state: dict[str
     return report, "\n".join(block)
 
 
+HELD_OUT_PANELS = (("answer_in_result", "held-out answer in search result"), ("exact_match", "held-out exact match"),
+                   ("multi_hop_answer_in_result", "held-out correct second search (two-hop questions)"))
+
+
+def plot_task_held_out(records: list[dict[str, Any]], task: str, estimators: list[str], out_path: Path,
+                       colours: dict[str, str]) -> Path | None:
+    """``<task>_held_out.png``: the held-out curves of :data:`HELD_OUT_PANELS` the runs evaluated, from step 0,
+    and the steps to :data:`HELD_OUT_TARGET` (``learner.results_plots.plot_held_out``)."""
+    runs = [r for r in _held_out(records) if r["task"] == task]
+    if not runs:
+        return None
+    start = warm_starts(records)
+    curves = lambda key: {est: [held_out_curve(r, start.get((task, r["seed"])), key)  # noqa: E731
+                                for r in runs if r["estimator"] == est] for est in estimators}
+    panels = [(title, curves(key)) for key, title in HELD_OUT_PANELS
+              if any(key in p for r in runs for p in r["eval"]["curve"])]
+    key, target = HELD_OUT_TARGET
+    reached = {est: [steps_to_target(c, target) for c in cs] for est, cs in curves(key).items()}
+    budget = max(int(r["steps"] or 0) for r in runs)
+    return plot_held_out(panels, reached, budget, f"held-out {key} >= {target}",
+                         f"{task}: held-out evaluations, mean over seeds (band: 95 % bootstrap interval)", out_path,
+                         colours)
+
+
 def write_report(exp: ExperimentConfig, runs: list[RunSpec], state: dict[str, Any], cpus: int) -> Path:
     """Write the report and figures for every finished run of ``runs``; update the README block."""
 
     records = load_records(runs)
     report_path = Path(exp.report.path)
     names = list(dict.fromkeys(e for spec in exp.tasks.values() for e in spec.estimators if e != WARM_START))
-    colours = {e: f"C{i % 10}" for i, e in enumerate(names)}
-    figures = {}
+    colours = palette(names)
+    figures: dict[str, list[tuple[str, Path]]] = {}
     for task, spec in exp.tasks.items():
-        fig = plot_task(records, task, [e for e in spec.estimators if e != WARM_START],
-                        Path(exp.report.figures_dir) / f"{task}_curves.png", exp.report.smooth, colours)
-        if fig is not None:
-            figures[task] = fig
+        estimators = [e for e in spec.estimators if e != WARM_START]
+        held = plot_task_held_out(records, task, estimators, Path(exp.report.figures_dir) / f"{task}_held_out.png",
+                                  colours)
+        train_fig = plot_task(records, task, estimators, Path(exp.report.figures_dir) / f"{task}_curves.png",
+                              exp.report.smooth, colours)
+        figs = [("held_out", held), ("training", train_fig)]
+        if any(f is not None for _, f in figs):
+            figures[task] = [(k, f) for k, f in figs if f is not None]
     if _held_out(records):
         write_runs_csv(records, Path(exp.report.figures_dir) / "runs.csv")
     report, block = render(exp, records, state, figures, report_path, cpus, len(runs))

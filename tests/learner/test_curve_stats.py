@@ -48,3 +48,11 @@ def test_paired_difference_verdicts():
     assert noisy["low"] < 0 < noisy["high"] and noisy["verdict"] == "not distinguishable"
     with pytest.raises(ValueError, match="paired"):
         paired_difference({0: 1.0}, {1: 1.0})
+
+
+def test_the_report_palette_gives_every_estimator_its_own_colour():
+    from learner.results_plots import palette
+
+    names = [f"e{i}" for i in range(30)]
+    colours = palette(names)
+    assert len({str(c) for c in colours.values()}) == len(names)

@@ -28,10 +28,9 @@ from learner.results import (
     README_END,
     README_START,
     extract_section,
-    mean_curve,
-    mean_std,
     write_report,
 )
+from learner.curve_stats import mean_curve, mean_std
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = str(REPO / "deploy/configs/local.yaml")
@@ -441,6 +440,8 @@ def test_held_out_curves_give_areas_steps_to_target_and_paired_verdicts(tmp_path
     assert "mt_grpo higher" in section.split("area under answer_in_result: +0.308", 1)[1].split("\n", 1)[0]
     assert "final exact match: +0.000" in section and "not distinguishable" in section
     assert "| mt_grpo | 0.210 [0.200, 0.220] | 0.510 [0.500, 0.520] |" in section  # sampled, greedy
+    fig = tmp_path / "docs/results/two_turn_held_out.png"  # held-out curves with steps-to-target bars
+    assert fig.is_file() and fig.stat().st_size > 10_000 and "](results/two_turn_held_out.png)" in report
     greedy_pair = section.split("mt_grpo - grpo_or, final greedy exact match: ", 1)[1].split("\n", 1)[0]
     assert greedy_pair.startswith("+0.200 [+0.200, +0.200]") and greedy_pair.endswith("mt_grpo higher")
 
