@@ -365,42 +365,53 @@ def test_dry_run_lists_runs_with_status(tmp_path, capsys):
 # ---------------------------------------------------------------------------- one real tiny grid
 
 
-@pytest.mark.slow  # 62-187 s measured on the shared 2-core machine (load 8-15): actor start-up dominates
+# CI's 2-run miniature of the grid ([4/7]): 40 s here uncontended (load 0.3), actor start-up dominates
 def test_tiny_real_grid_reuses_ray_and_cleans_up_its_actors(tmp_path, monkeypatch, ray_local):
-    """grpo_or, one step, in the test session's Ray: the run finishes, the report is written, the run's
-    actors are dead and its placement group removed (so the next run gets the CPUs), a rerun trains nothing."""
+    """The warm start and grpo_or (one step) in the test session's Ray: the runs finish, the report is written,
+    the runs' actors are dead and their placement groups removed (so the next run gets the CPUs), a rerun trains
+    nothing. With ``eval.greedy`` turned on afterwards, a rerun adds both runs' greedy evaluations from their saved
+    policies (real actors, no training), and their sampled re-evaluations equal the runs' own."""
     import ray
     from ray._private import state as ray_state
     from ray.util import placement_group_table
 
     monkeypatch.chdir(tmp_path)
-    exp_path = _write_exp(
-        tmp_path, seeds=[0], warm_start_baseline=False,
-        common={"model.path": str(REPO / "deploy/warmstart"), "data.dir": str(tmp_path / "data"),
-                "data.num_people": 200, "data.num_cities": 20, "data.num_countries": 5,
-                "learner.total_steps": 1, "algorithm.prompts_per_step": 2, "algorithm.group_size": 2,
-                "learner.micro_batch_size": 4, "eval.num_questions": 4, "eval.greedy": False,
-                "eval.before_training": False, "metrics.enabled": False},
-        tasks={"two_turn": {"estimators": ["grpo_or"], "overrides": {"data.max_hops": 1, "env.max_turns": 2}}},
-        report={"path": str(tmp_path / "results.md"), "figures_dir": str(tmp_path / "fig"), "readme": None})
-    exp = load_experiment(exp_path)
+    common = {"model.path": str(REPO / "deploy/warmstart"), "data.dir": str(tmp_path / "data"),
+              "data.num_people": 200, "data.num_cities": 20, "data.num_countries": 5,
+              "learner.total_steps": 1, "algorithm.prompts_per_step": 2, "algorithm.group_size": 2,
+              "learner.micro_batch_size": 4, "eval.num_questions": 4, "eval.greedy": False,
+              "eval.before_training": False, "metrics.enabled": False}
+    grid = dict(seeds=[0], warm_start_baseline=True,
+                tasks={"two_turn": {"estimators": ["grpo_or"], "overrides": {"data.max_hops": 1, "env.max_turns": 2}}},
+                report={"path": str(tmp_path / "results.md"), "figures_dir": str(tmp_path / "fig"), "readme": None})
+    exp = load_experiment(_write_exp(tmp_path, common=common, **grid))
     runs = expand_grid(exp)
+    names = ["two_turn-warm_start-seed0", "two_turn-grpo_or-seed0"]
     actors_before = set(ray_state.actors())
     out = run_grid(exp, runs)
-    assert out.trained == ["two_turn-grpo_or-seed0"] and not out.failed
+    assert out.trained == names and not out.failed
     assert ray.is_initialized()  # not ours to shut down
     new = {a: v for a, v in ray_state.actors().items() if a not in actors_before}
-    assert len(new) >= 5 and all(v["State"] == "DEAD" for v in new.values()), \
+    assert len(new) >= 10 and all(v["State"] == "DEAD" for v in new.values()), \
         {v["ActorClassName"]: v["State"] for v in new.values()}
     groups = [g for g in placement_group_table().values() if g["name"].startswith("turnrl-learner-two_turn-")]
-    assert len(groups) == 1 and {g["state"] for g in groups} == {"REMOVED"}
+    assert len(groups) == 2 and {g["state"] for g in groups} == {"REMOVED"}
     trained = json.loads((tmp_path / "runs/two_turn-grpo_or-seed0/eval.json").read_text())
-    assert trained["steps"] == 1 and trained["trained"]["episodes"] == 4.0
+    assert trained["steps"] == 1 and trained["trained"]["episodes"] == 4.0 and "trained_greedy" not in trained
     assert len((tmp_path / "runs/two_turn-grpo_or-seed0/metrics.jsonl").read_text().splitlines()) == 1
     path = write_report(exp, runs, {"sessions": []}, 2)
     rows = _table_rows(path.read_text(), "### two_turn")
     assert rows["grpo_or"][-1] == "1/1" and rows["grpo_or"][0] == f"{trained['trained']['tool_success']:.3f} ± 0.000"
-    assert run_grid(exp, runs).skipped == [r.name for r in runs]
+    assert run_grid(exp, runs).skipped == names
+
+    greedy_exp = load_experiment(_write_exp(tmp_path, common={**common, "eval.greedy": True}, **grid))
+    again = run_grid(greedy_exp, expand_grid(greedy_exp))
+    assert again.trained == [] and again.evaluated == names and not again.failed
+    for name in names:
+        ev = json.loads((tmp_path / "runs" / name / "eval.json").read_text())
+        assert ev["trained_greedy"]["episodes"] == 4.0
+        assert ev["evaluated_after_training"]["trained_greedy"]["max_diff_from_recorded"] == {"trained": 0.0}
+    assert run_grid(greedy_exp, expand_grid(greedy_exp)).evaluated == []  # nothing left to add
 
 
 def test_held_out_curves_give_areas_steps_to_target_and_paired_verdicts(tmp_path):
