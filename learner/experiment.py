@@ -81,6 +81,7 @@ class ExperimentConfig:
     out_dir: str = "runs/credit-comparison"  # run directories: <out_dir>/<task>-<estimator>-seed<seed>
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # run.seed of the repeats
     warm_start_baseline: bool = True  # also evaluate the untrained policy per task and seed
+    continue_from: str | None = None  # a grid's out_dir: a run missing here but done there is copied, then continued to this grid's learner.total_steps from its last checkpoint
     common: dict[str, Any] = field(default_factory=dict)  # run-config overrides (dotted keys) for every run
     tasks: dict[str, TaskConfig] = field(default_factory=dict)  # task name -> estimators and task overrides
     variants: dict[str, VariantConfig] = field(default_factory=dict)  # name -> an estimator with its own settings
@@ -114,6 +115,9 @@ class ExperimentConfig:
                                       f"{sorted(ESTIMATORS)} or a name under `variants`")
             _check_overrides(spec.overrides, f"tasks.{task}.overrides")
         self.report.validate("report")
+        if self.continue_from is not None and not Path(self.continue_from).is_dir():
+            raise ConfigError(f"config field `continue_from` = {self.continue_from!r}: must be an existing grid "
+                              "directory (the out_dir of the grid whose runs are continued)")
         if Path(self.base_config).is_file() and config_kind(self.base_config) == "tensor":
             if self.warm_start_baseline:
                 raise ConfigError("config field `warm_start_baseline` = true: a tensor-agent grid evaluates the initial "
@@ -304,6 +308,30 @@ def lacks_greedy(cfg: Config | AgentConfig, run_dir: Path) -> bool:
     return isinstance(cfg, Config) and cfg.eval.greedy and ev is not None and GREEDY_KEY not in ev
 
 
+def continuable(cfg: Config | AgentConfig, run_dir: Path) -> bool:
+    """A done LLM run trained for fewer steps than ``learner.total_steps`` now, with a checkpoint at its last step:
+    resuming it there (``turnrl train --resume``) continues it to the grid's budget (the learning rate is constant
+    after warmup, so that is the longer run)."""
+    from learner.checkpoint import checkpoint_root, latest_checkpoint
+
+    ev = finished_eval(run_dir)
+    if not isinstance(cfg, Config) or ev is None or int(ev.get("steps") or 0) >= cfg.learner.total_steps:
+        return False
+    last = latest_checkpoint(checkpoint_root(cfg, run_dir))
+    return last is not None and last.name == f"step_{int(ev['steps']):06d}"
+
+
+def continue_run(cfg: Config, run_dir: Path) -> None:
+    """Resume a done run from its last checkpoint to ``cfg.learner.total_steps``; its ``wall_time_s`` then counts
+    both parts, and ``continued_from_step`` says where the second began."""
+    old = finished_eval(run_dir) or {}
+    train(cfg, resume=run_dir)
+    ev = json.loads((run_dir / "eval.json").read_text())
+    ev["wall_time_s"] = float(ev.get("wall_time_s", 0.0)) + float(old.get("wall_time_s", 0.0))
+    ev["continued_from_step"] = int(old.get("steps") or 0)
+    (run_dir / "eval.json").write_text(json.dumps(ev, indent=2))
+
+
 def evaluate_greedy(run_dir: Path) -> Any:
     """The greedy evaluation of a done run's saved policy, added to its eval.json (``learner.evaluate``), with a
     sampled one that checks the saved policy against the run's own sampled evaluation (recorded beside it)."""
@@ -314,30 +342,53 @@ def evaluate_greedy(run_dir: Path) -> Any:
 
 def run_grid(exp: ExperimentConfig, runs: list[RunSpec], *,
              train_fn: Callable[[Config], Any] | None = None,
-             evaluate_fn: Callable[[Path], Any] | None = None) -> Outcome:
+             evaluate_fn: Callable[[Path], Any] | None = None,
+             continue_fn: Callable[[Config, Path], Any] | None = None) -> Outcome:
     """Train every run of ``runs`` that is not done, one after another in this process.
 
     Every run's config is built and validated before the first one starts. A partial run
     directory is deleted and the run redone; a done run is skipped (with a warning when its saved
     config differs from what the grid would use now), except that a done run lacking the greedy
     evaluation the grid now asks for (``eval.greedy``) gets it from its saved policy, without training
-    again (``evaluate_fn``, default :func:`evaluate_greedy`). Ray is shut down at the end, and after a
-    failed run, only if this call started it.
+    again (``evaluate_fn``, default :func:`evaluate_greedy`). With ``continue_from``, a missing run whose
+    counterpart there is done is copied here first; a done run trained for fewer steps than the grid's budget
+    is continued from its last checkpoint (``continue_fn``, default :func:`continue_run`). Ray is shut down at
+    the end, and after a failed run, only if this call started it.
     """
     import ray
 
     train_fn = train_any if train_fn is None else train_fn
     evaluate_fn = evaluate_greedy if evaluate_fn is None else evaluate_fn
+    continue_fn = continue_run if continue_fn is None else continue_fn
     configs = build_configs(exp, runs)
     owns_ray = not ray.is_initialized()
     out, t_start = Outcome(), time.time()
-    todo = [s for s in runs if run_status(s.run_dir) != "done"]
+    todo = [s for s in runs if run_status(s.run_dir) != "done" or continuable(configs[s.name], s.run_dir)]
     log.info("experiment: %d run(s) selected, %d done already, %d to train", len(runs), len(runs) - len(todo),
              len(todo))
     try:
         for spec in runs:
             cfg = configs[spec.name]
             status = run_status(spec.run_dir)
+            source = Path(exp.continue_from) / spec.name if exp.continue_from else None
+            if status == "missing" and source is not None and run_status(source) == "done":
+                log.info("run %s: copied from %s (continue_from)", spec.name, source)
+                shutil.copytree(source, spec.run_dir, symlinks=True)
+                status = "done"
+            if status == "done" and continuable(cfg, spec.run_dir):
+                t0 = time.time()
+                log.info("run %s: done at step %s; continuing it to step %d from its last checkpoint", spec.name,
+                         finished_eval(spec.run_dir).get("steps"), cfg.learner.total_steps)
+                try:
+                    continue_fn(cfg, spec.run_dir)
+                except Exception:  # noqa: BLE001 - the next invocation continues from the newest checkpoint
+                    log.exception("run %s: continuing failed after %.0f s", spec.name, time.time() - t0)
+                    out.failed.append(spec.name)
+                    if owns_ray and ray.is_initialized():
+                        ray.shutdown()
+                    continue
+                out.trained.append(spec.name)
+                continue
             if status == "done":
                 if lacks_greedy(cfg, spec.run_dir):
                     t0 = time.time()

@@ -187,6 +187,27 @@ def test_shipped_experiment_config(tmp_path):
                  c.eval.num_questions) for c in trained}) == 1  # the same budget everywhere
 
 
+def test_the_budget_grid_continues_the_two_turn_runs_with_the_same_settings(tmp_path, monkeypatch):
+    """experiment_budget.yaml: experiment.yaml's two-turn runs, the same settings but twice the steps."""
+    path = REPO / "deploy/configs/experiment_budget.yaml"
+    uncommented = [ln for ln in path.read_text().splitlines() if re.match(r"^\s*[A-Za-z_.]+:", ln) and "#" not in ln]
+    assert not uncommented, f"keys without a comment: {uncommented}"
+    monkeypatch.chdir(tmp_path)  # the configs' relative paths, with the grid directory continue_from names
+    (tmp_path / "deploy").symlink_to(REPO / "deploy")
+    (tmp_path / "runs/credit-comparison").mkdir(parents=True)
+    budget, grid = load_experiment(path), load_experiment(REPO / "deploy/configs/experiment.yaml")
+    assert budget.continue_from == grid.out_dir and budget.name == grid.name and budget.seeds == grid.seeds
+    long_runs = {r.name: r for r in expand_grid(budget, out_dir=tmp_path)}
+    short_runs = {r.name: r for r in expand_grid(grid, out_dir=tmp_path)}
+    assert set(long_runs) < set(short_runs)
+    for name, spec in long_runs.items():
+        a = load_config(budget.base_config, list(spec.overrides)).to_dict()
+        b = load_config(grid.base_config, list(short_runs[name].overrides)).to_dict()
+        diffs = config_drift(b, a)
+        expected = [] if spec.estimator == "warm_start" else ["learner.total_steps: 40 -> 80"]
+        assert diffs == expected, (name, diffs)
+
+
 # -------------------------------------------------------------------------------- fake run dirs
 
 # sampled eval per (task, estimator): one list per column, one value per seed
@@ -248,6 +269,44 @@ def test_resume_skips_finished_runs_and_redoes_partial_ones(tmp_path):
     # a second invocation trains nothing
     again = run_grid(exp, runs, train_fn=fake_train)
     assert again.trained == [] and len(again.skipped) == len(runs)
+
+
+def test_continue_from_copies_done_runs_and_continues_them_to_the_new_budget(tmp_path):
+    """A 3-step grid continued to 6 steps: its runs are copied, the trained ones resumed from their step-3
+    checkpoint (the warm start has nothing to continue); a run without a checkpoint at its last step is not."""
+    source = tmp_path / "short"
+    short = load_experiment(_write_exp(tmp_path, seeds=[0], out_dir=str(source)))
+    for spec in expand_grid(short):
+        steps = 0 if spec.estimator == "warm_start" else 3
+        _fake_run(spec.run_dir, {"exact_match": 0.1}, steps, 0.0)
+        if steps:  # grpo_or kept only an earlier checkpoint
+            ckpt = spec.run_dir / ("checkpoints/step_000002" if spec.estimator == "grpo_or" else "checkpoints/step_000003")
+            ckpt.mkdir(parents=True)
+            (ckpt / "driver_state.json").write_text("{}")
+    longer = _write_exp(tmp_path, seeds=[0], out_dir=str(tmp_path / "long"), continue_from=str(source),
+                        common={"learner.total_steps": 6, "eval.num_questions": 10, "env.max_turns": 3,
+                                "eval.greedy": False})
+    exp = load_experiment(longer)
+    runs = expand_grid(exp)
+    continued = []
+
+    def fake_continue(cfg, run_dir):
+        assert cfg.learner.total_steps == 6 and (run_dir / "checkpoints/step_000003").is_dir()
+        continued.append(run_dir.name)
+        ev = json.loads((run_dir / "eval.json").read_text())
+        (run_dir / "eval.json").write_text(json.dumps({**ev, "steps": 6}))
+
+    def no_training(cfg):
+        raise AssertionError(f"{cfg.run.run_dir} must be copied or continued, not trained from scratch")
+
+    out = run_grid(exp, runs, train_fn=no_training, continue_fn=fake_continue)
+    assert continued == out.trained == ["two_turn-mt_grpo-seed0", "multi_hop-mt_grpo_k-seed0"]
+    assert all((tmp_path / "long" / r.name / "eval.json").is_file() for r in runs)  # every run copied
+    assert json.loads((source / "two_turn-mt_grpo-seed0/eval.json").read_text())["steps"] == 3  # source untouched
+    again = run_grid(exp, runs, train_fn=no_training, continue_fn=fake_continue)
+    assert again.trained == [] and len(continued) == 2
+    with pytest.raises(ConfigError, match="continue_from"):
+        load_experiment(_write_exp(tmp_path, continue_from=str(tmp_path / "nowhere")))
 
 
 def test_a_failed_run_is_recorded_and_the_grid_goes_on(tmp_path):
