@@ -111,6 +111,35 @@ def transitions_to_batch(rows: list[dict[str, Any]]) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(arrays, schema=TRANSITION_SCHEMA)
 
 
+def derived_since(old: pa.Schema, schema: pa.Schema) -> list[str] | None:
+    """The tree columns ``schema`` has and ``old`` lacks when that is the only difference ([] when equal); None
+    when the schemas differ otherwise. Batches of ``old`` then upgrade with :func:`upgrade_batch`."""
+    if old.equals(schema):
+        return []
+    missing = [f.name for f in schema if f.name not in old.names]
+    kept = pa.schema([f for f in schema if f.name not in missing])
+    if not missing or set(missing) - set(_DERIVED) or not kept.equals(old):
+        return None
+    return missing
+
+
+def upgrade_batch(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """``batch`` under ``schema``: unchanged when it has that schema; with the tree columns added (a flat
+    episode's values, as :func:`transitions_to_batch` derives them) when it was written before they existed
+    (a checkpoint's queue snapshot from an older version). TypeError when it differs otherwise."""
+    missing = derived_since(batch.schema, schema)
+    if missing is None:
+        raise TypeError(f"a batch of schema {batch.schema.names} cannot be read as {schema.names}")
+    if not missing:
+        return batch
+    episodes = batch.column(EPISODE_ID).to_pylist()
+    turns = batch.column(TURN_INDEX).to_pylist()
+    derived = {NODE_ID: [node_id(e, t) for e, t in zip(episodes, turns)],
+               PARENT_NODE_ID: [node_id(e, t - 1) for e, t in zip(episodes, turns)]}
+    arrays = [pa.array(derived[f.name], type=f.type) if f.name in missing else batch.column(f.name) for f in schema]
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
 def components_to_dict(value: Any) -> dict[str, float]:
     """A map cell (list of key/value pairs from ``to_pylist``) as a dict."""
     if value is None:

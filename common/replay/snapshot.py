@@ -26,6 +26,7 @@ import pyarrow as pa
 from common.replay.rows import schema_name
 from common.replay.store import COUNTERS, ReplayStore
 from common.replay.wire import write_ipc_file
+from common.schema import derived_since, upgrade_batch
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +80,10 @@ def load_snapshot(store: ReplayStore, path: str | os.PathLike) -> int:
     store._retired, store.learner_version = set(), None  # nothing is late or stale while loading
     with pa.OSFile(str(d / ROWS_FILE), "rb") as source:
         reader = pa.ipc.open_file(source)
-        if not reader.schema.equals(store.schema):
+        if derived_since(reader.schema, store.schema) is None:  # an older snapshot may lack derived columns
             raise TypeError(f"{d / ROWS_FILE}: schema differs from the queue's ({schema_name(store.schema)})")
         for i in range(reader.num_record_batches):  # one group per batch, in arrival order
-            store.put(reader.get_batch(i))
+            store.put(upgrade_batch(reader.get_batch(i), store.schema))
     complete = {i for i, g in store._groups.items() if g.complete}
     if store.rows != state["rows"] or list(store._groups) != state["groups"] or complete != set(state["ready"]):
         store._clear()

@@ -439,3 +439,29 @@ def test_arrow_ipc_wire_round_trip_and_copy() -> None:
 
     if not ray.is_initialized():
         assert register_arrow_serializers() is False
+
+
+def test_a_snapshot_from_before_the_tree_columns_restores_with_them_derived(tmp_path: Path) -> None:
+    """Checkpoints written before node_id / parent_node_id existed (their rows.arrow lacks both) still resume:
+    the rows gain a flat episode's values; any other schema difference is still refused."""
+    from common.replay.wire import write_ipc_file
+
+    src = ReplayStore(max_policy_lag=9)
+    for b in _mixed_batches(3):
+        src.put(b)
+    write_snapshot(src, tmp_path / "snap")
+    rows_file = tmp_path / "snap" / "rows.arrow"
+    with pa.OSFile(str(rows_file), "rb") as f:
+        reader = pa.ipc.open_file(f)
+        batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+    old = pa.schema([f for f in S.TRANSITION_SCHEMA if f.name not in (S.NODE_ID, S.PARENT_NODE_ID)])
+    write_ipc_file(rows_file, [b.select(old.names) for b in batches], old)  # as an older version wrote it
+    dst = ReplayStore(max_policy_lag=9)
+    assert load_snapshot(dst, tmp_path / "snap") == src.rows
+    while (a := src.take(2, 3)) is not None:
+        assert a.equals(dst.take(2, 3))  # node ids derived = the ones flat episodes get
+    assert dst.take(2, 3) is None
+    other = pa.schema([f for f in old if f.name != S.TURN_REWARD])
+    write_ipc_file(rows_file, [b.select(other.names) for b in batches], other)
+    with pytest.raises(TypeError, match="schema differs"):
+        load_snapshot(ReplayStore(max_policy_lag=9), tmp_path / "snap")
