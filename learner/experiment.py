@@ -462,8 +462,7 @@ def _warn_drift(spec: RunSpec, cfg: Config | AgentConfig) -> None:
     if saved is None:
         return
     diffs = config_drift(saved, cfg.to_dict())
-    if Path(str(saved.get("run", {}).get("run_dir"))).resolve() == Path(str(cfg.run.run_dir)).resolve():
-        diffs = [d for d in diffs if not d.startswith("run.run_dir:")]  # the same directory, spelled otherwise
+    diffs = [d for d in diffs if not d.startswith("run.run_dir:")]  # the grid's own key: the run is where it says
     if GREEDY_KEY in (finished_eval(spec.run_dir) or {}):  # evaluated greedily after training: nothing missing
         diffs = [d for d in diffs if not d.startswith("eval.greedy:")]
     if diffs:

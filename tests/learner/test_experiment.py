@@ -96,8 +96,9 @@ def test_config_drift_names_the_changed_keys():
 
 
 def test_drift_warning_ignores_keys_added_since_the_run_and_names_real_changes(tmp_path, monkeypatch, caplog):
-    """An old run's config.yaml lacks keys added later (their defaults keep the old behaviour) and spells its
-    run_dir relative; neither is drift. A changed value is, and the warning names it."""
+    """An old run's config.yaml lacks keys added later (their defaults keep the old behaviour) and names another
+    run_dir (spelled relative, or the grid it was copied from); neither is drift. A changed value is, and the
+    warning names it."""
     import logging
 
     monkeypatch.chdir(tmp_path)
