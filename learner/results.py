@@ -195,6 +195,7 @@ def after_training_line(records: list[dict[str, Any]]) -> str | None:
 # paired besides every estimator against MT-GRPO: turn rewards under a critic; tree rollouts against merged rewards
 EXTRA_PAIRS = (("mt_ppo", "ppo"), ("tree_grpo_c4", "grpo_mr"), ("mt_grpo_judge", "mt_grpo"), ("mt_grpo_judge_rubric", "mt_grpo"))
 HELD_OUT_TARGET = ("answer_in_result", 0.8)  # steps-to-target: the first held-out evaluation reaching it
+EM_TARGET = ("exact_match", 0.2)  # a second target, on the answers
 
 
 def _held_out(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -223,10 +224,18 @@ def write_runs_csv(records: list[dict[str, Any]], path: Path) -> int:
     return write_curve_csv(kept, (*(k for k, _ in COLUMNS), *MULTI_HOP_KEYS), path)
 
 
+def per_seed_steps(curves: dict[int, list[tuple[int, float]]], target: float) -> str:
+    """The steps at which each seed's curve (in seed order) first reaches ``target``: "never" if it does not, "–"
+    for a seed whose curve lacks the metric."""
+    return ", ".join("–" if not curves[s] else str(n) if (n := steps_to_target(curves[s], target)) is not None
+                     else "never" for s in sorted(curves))
+
+
 def held_out_section(records: list[dict[str, Any]], order: dict[str, list[str]]) -> list[str]:
     """Per task: final exact match (sampled, and greedy where evaluated) and area under the held-out
-    answer-in-result curve with 95 % bootstrap intervals, steps to the target per seed, the action tokens sampled per run (what a run cost: a tree samples
-    its shared turns once), and each estimator paired (same seeds) against MT-GRPO."""
+    answer-in-result curve with 95 % bootstrap intervals, steps to each target per seed, the action tokens
+    sampled per run (what a run cost: a tree samples its shared turns once), and each estimator paired (same
+    seeds) against MT-GRPO."""
     runs = _held_out(records)
     if not runs:
         return []
@@ -235,7 +244,7 @@ def held_out_section(records: list[dict[str, Any]], order: dict[str, list[str]])
              f"From each run's held-out curve (`eval.json` `curve`; every point in `runs.csv`): final exact match "
              "(sampled; greedy from `trained_greedy`), "
              f"area under the {key} curve (its mean level over training: quicker scores higher), and the first "
-             f"evaluated step with {key} >= {target}; a curve starts at step 0 with the seed's warm-start run when the "
+             f"evaluated step with {key} >= {target} and with {EM_TARGET[0]} >= {EM_TARGET[1]}; a curve starts at step 0 with the seed's warm-start run when the "
              "run did not evaluate before training. Intervals: 95 % percentile bootstrap over seeds. Pairs: "
              "the per-seed difference (same seed = same data order and warm start), with a verdict only when "
              "its interval excludes 0.", ""]
@@ -248,8 +257,8 @@ def held_out_section(records: list[dict[str, Any]], order: dict[str, list[str]])
         if not by_est:
             continue
         lines += [f"### {task}", "", f"| estimator | final exact match | final greedy exact match | area under {key} | "
-                  f"steps to {key} >= {target} (per seed) | generated tokens per run (k) | seeds |",
-                  "|---|---|---|---|---|---|---|"]
+                  f"steps to {key} >= {target} (per seed) | steps to {EM_TARGET[0]} >= {EM_TARGET[1]} (per seed) | "
+                  "generated tokens per run (k) | seeds |", "|---|---|---|---|---|---|---|---|"]
         figures: dict[str, dict[str, dict[int, float]]] = {}
         for est in [e for e in estimators if e in by_est]:
             seeds = by_est[est]
@@ -259,13 +268,14 @@ def held_out_section(records: list[dict[str, Any]], order: dict[str, list[str]])
                       if "exact_match" in (r["eval"].get(GREEDY) or {})}
             area = {s: curve_area(c) for s, c in curves.items()}
             figures[est] = {"em": em, "area": area, "greedy": greedy}
-            reached = [steps_to_target(curves[s], target) for s in sorted(curves)]
-            reach = ", ".join("never" if n is None else str(n) for n in reached)
+            reach = per_seed_steps(curves, target)
+            em_curves = {s: held_out_curve(r, start.get((task, s)), EM_TARGET[0]) for s, r in seeds.items()}
+            reach_em = per_seed_steps(em_curves, EM_TARGET[1])
             ci = lambda d: "{:.3f} [{:.3f}, {:.3f}]".format(*bootstrap_ci(list(d.values())))  # noqa: E731
             tokens = [r["generated_tokens"] for r in seeds.values() if r.get("generated_tokens") is not None]
             cost = f"{sum(tokens) / len(tokens) / 1e3:.0f}" if tokens else "n/a"
-            lines.append(f"| {est} | {ci(em)} | {ci(greedy) if greedy else '–'} | {ci(area)} | {reach} | {cost} | "
-                         f"{len(seeds)} |")
+            lines.append(f"| {est} | {ci(em)} | {ci(greedy) if greedy else '–'} | {ci(area)} | {reach} | {reach_em} | "
+                         f"{cost} | {len(seeds)} |")
         lines.append("")
         ref = next((e for e in ("mt_grpo", "mt_grpo_k") if e in figures), None)
         pairs = [(ref, e) for e in figures if ref and e != ref]

@@ -505,6 +505,7 @@ def test_held_out_curves_give_areas_steps_to_target_and_paired_verdicts(tmp_path
     assert {r["metric"] for r in rows} == {"tool_success", "answer_in_result", "exact_match", "format"}
     section = report.split("## Held-out learning", 1)[1].split("\n## ", 1)[0]
     assert "| mt_grpo |" in section and "| 5, 5, 5 |" in section and "| 15, 15, 15 |" in section
+    assert "| never, never, never |" in section  # exact match 0.05 per evaluation: 0.15 at the end, below 0.2
     # areas by hand (trapezoids over steps 0, 5, 10, 15, divided by 15): quick 11.25/15 = 0.75, slow 6.625/15
     # = 0.4417; the per-seed offsets cancel in the pair
     assert "mt_grpo - grpo_or, area under answer_in_result: +0.308" in section
@@ -560,7 +561,7 @@ def test_a_held_out_curve_without_step_0_starts_from_the_seeds_warm_start_run(tm
     text = "\n".join(held_out_section(load_records(runs), {"two_turn": ["mt_grpo"]}))
     # points (0, 0.2), (10, 1.0), (20, 1.0): area (10 * 0.6 + 10 * 1.0) / 20 = 0.8; 0.8 first reached at step 10
     # –: no greedy evaluation; 0: no tokens logged
-    assert "| mt_grpo | 0.300 [0.300, 0.300] | – | 0.800 [0.800, 0.800] | 10 | 0 | 1 |" in text
+    assert "| mt_grpo | 0.300 [0.300, 0.300] | – | 0.800 [0.800, 0.800] | 10 | – | 0 | 1 |" in text  # –: no EM curve
     assert "greedy" not in text.split("|---|", 1)[1]  # and no greedy pair line
 
 
