@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import Config, load_config
+from common.config import Config, ConfigError, load_config
+from common.config_agent import config_kind
 from common.modeling import check_model_dir, check_safetensors
 from learner.evaluation import GREEDY_KEY, SAMPLED_KEY
 
@@ -65,6 +66,9 @@ def run_config(run_dir: Path) -> Config:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist: RUN_DIR must be a run directory of `turnrl train`")
+    if config_kind(str(path)) == "tensor":
+        raise ConfigError(f"{str(path)!r} is a tensor-agent run (kind: tensor): its eval.json holds a greedy "
+                          "evaluation already; `turnrl evaluate` re-evaluates LLM runs")
     cfg = load_config(str(path), [])
     check_model_dir(cfg.model.path)
     return cfg

@@ -99,6 +99,11 @@ def test_bad_run_directories_fail_naming_what_is_missing(tmp_path, finished_run)
     assert code == 2 and "holds no *.safetensors" in err
     with pytest.raises(ValueError, match="each must be one of"):
         evaluate_run(finished_run, ("beam",))
+    tensor_run = tmp_path / "arm"
+    tensor_run.mkdir()
+    shutil.copy(REPO / "deploy/configs/arm.yaml", tensor_run / "config.yaml")
+    code, _, err = _cli(["evaluate", str(tensor_run)])
+    assert code == 2 and "tensor-agent run" in err
 
 
 # ------------------------------------------------------------------------------ the grid's side
