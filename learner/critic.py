@@ -135,7 +135,14 @@ class Critic:
     def load(self, directory: str, rank: int) -> None:
         from learner.checkpoint import load_engine
 
-        load_engine(self.engine, directory, rank)
+        try:
+            load_engine(self.engine, directory, rank)
+        except RuntimeError as err:
+            if "state_dict" not in str(err):
+                raise
+            raise RuntimeError(f"the critic checkpoint in {directory!r} does not fit this version's value model "
+                               "(ValueModel: the whole causal LM under `lm.` plus `head`); it was written by an "
+                               "earlier critic layout, so this run cannot resume from it") from err
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:

@@ -104,3 +104,26 @@ def test_absent_turns_never_leak_into_advantages_or_targets(name):
         assert torch.equal(clean, dirty) and torch.isfinite(clean).all() and clean[1, 1] == 0.0
     with pytest.raises(ValueError, match="values must be"):
         ESTIMATORS[name](TURN_R, OUTCOME, MASK, GROUPS, values=VALUES[:, :1])
+
+
+def test_a_critic_checkpoint_of_another_layout_fails_saying_so(monkeypatch):
+    """A checkpoint whose critic weights do not fit ValueModel (e.g. written before its layout changed) fails
+    naming the directory and the reason, not with DeepSpeed's raw key lists; other errors pass through."""
+    import types
+
+    import learner.checkpoint as checkpoint
+    from learner.critic import Critic
+
+    def mismatch(*args):
+        raise RuntimeError('Error(s) in loading state_dict for ValueModel: Missing key(s) in state_dict: "lm.x"')
+
+    monkeypatch.setattr(checkpoint, "load_engine", mismatch)
+    with pytest.raises(RuntimeError, match=r"critic checkpoint in '/ckpt/critic' .* earlier critic layout"):
+        Critic.load(types.SimpleNamespace(engine=None), "/ckpt/critic", 0)
+
+    def other(*args):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(checkpoint, "load_engine", other)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        Critic.load(types.SimpleNamespace(engine=None), "/ckpt/critic", 0)
