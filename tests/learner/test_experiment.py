@@ -188,16 +188,22 @@ def test_shipped_experiment_config(tmp_path):
                  c.eval.num_questions) for c in trained}) == 1  # the same budget everywhere
 
 
-def test_the_budget_grid_continues_the_two_turn_runs_with_the_same_settings(tmp_path, monkeypatch):
-    """experiment_budget.yaml: experiment.yaml's two-turn runs, the same settings but twice the steps."""
-    path = REPO / "deploy/configs/experiment_budget.yaml"
+@pytest.mark.parametrize("name, source, steps", [("experiment_budget.yaml", "experiment.yaml", 80),
+                                                  ("experiment_budget160.yaml", "experiment_budget.yaml", 160)])
+def test_the_budget_grids_continue_the_two_turn_runs_with_the_same_settings(tmp_path, monkeypatch, name, source,
+                                                                           steps):
+    """experiment_budget*.yaml: experiment.yaml's two-turn runs, the same settings but more steps, continued from
+    the grid before them."""
+    path = REPO / "deploy/configs" / name
     uncommented = [ln for ln in path.read_text().splitlines() if re.match(r"^\s*[A-Za-z_.]+:", ln) and "#" not in ln]
     assert not uncommented, f"keys without a comment: {uncommented}"
-    monkeypatch.chdir(tmp_path)  # the configs' relative paths, with the grid directory continue_from names
+    monkeypatch.chdir(tmp_path)  # the configs' relative paths, with the grid directories continue_from names
     (tmp_path / "deploy").symlink_to(REPO / "deploy")
-    (tmp_path / "runs/credit-comparison").mkdir(parents=True)
+    for out in ("credit-comparison", "credit-budget80"):
+        (tmp_path / "runs" / out).mkdir(parents=True)
     budget, grid = load_experiment(path), load_experiment(REPO / "deploy/configs/experiment.yaml")
-    assert budget.continue_from == grid.out_dir and budget.name == grid.name and budget.seeds == grid.seeds
+    assert budget.continue_from == load_experiment(REPO / "deploy/configs" / source).out_dir
+    assert budget.name == grid.name and budget.seeds == grid.seeds
     long_runs = {r.name: r for r in expand_grid(budget, out_dir=tmp_path)}
     short_runs = {r.name: r for r in expand_grid(grid, out_dir=tmp_path)}
     assert set(long_runs) < set(short_runs)
@@ -205,7 +211,7 @@ def test_the_budget_grid_continues_the_two_turn_runs_with_the_same_settings(tmp_
         a = load_config(budget.base_config, list(spec.overrides)).to_dict()
         b = load_config(grid.base_config, list(short_runs[name].overrides)).to_dict()
         diffs = config_drift(b, a)
-        expected = [] if spec.estimator == "warm_start" else ["learner.total_steps: 40 -> 80"]
+        expected = [] if spec.estimator == "warm_start" else [f"learner.total_steps: 40 -> {steps}"]
         assert diffs == expected, (name, diffs)
 
 
