@@ -243,7 +243,8 @@ def held_out_section(records: list[dict[str, Any]], order: dict[str, list[str]])
     lines = ["## Held-out learning (`eval.every_steps`)", "",
              f"From each run's held-out curve (`eval.json` `curve`; every point in `runs.csv`): final exact match "
              "(sampled; greedy from `trained_greedy`), "
-             f"area under the {key} curve (its mean level over training: quicker scores higher), and the first "
+             f"areas under the {key} and {EM_TARGET[0]} curves (their mean level over training: quicker scores "
+             "higher), and the first "
              f"evaluated step with {key} >= {target} and with {EM_TARGET[0]} >= {EM_TARGET[1]}; a curve starts at step 0 with the seed's warm-start run when the "
              "run did not evaluate before training. Intervals: 95 % percentile bootstrap over seeds. Pairs: "
              "the per-seed difference (same seed = same data order and warm start), with a verdict only when "
@@ -257,8 +258,9 @@ def held_out_section(records: list[dict[str, Any]], order: dict[str, list[str]])
         if not by_est:
             continue
         lines += [f"### {task}", "", f"| estimator | final exact match | final greedy exact match | area under {key} | "
+                  f"area under {EM_TARGET[0]} | "
                   f"steps to {key} >= {target} (per seed) | steps to {EM_TARGET[0]} >= {EM_TARGET[1]} (per seed) | "
-                  "generated tokens per run (k) | seeds |", "|---|---|---|---|---|---|---|---|"]
+                  "generated tokens per run (k) | seeds |", "|---|---|---|---|---|---|---|---|---|"]
         figures: dict[str, dict[str, dict[int, float]]] = {}
         for est in [e for e in estimators if e in by_est]:
             seeds = by_est[est]
@@ -266,23 +268,24 @@ def held_out_section(records: list[dict[str, Any]], order: dict[str, list[str]])
             em = {s: float(r["eval"][SAMPLED]["exact_match"]) for s, r in seeds.items()}
             greedy = {s: float(r["eval"][GREEDY]["exact_match"]) for s, r in seeds.items()
                       if "exact_match" in (r["eval"].get(GREEDY) or {})}
-            area = {s: curve_area(c) for s, c in curves.items()}
-            figures[est] = {"em": em, "area": area, "greedy": greedy}
-            reach = per_seed_steps(curves, target)
             em_curves = {s: held_out_curve(r, start.get((task, s)), EM_TARGET[0]) for s, r in seeds.items()}
-            reach_em = per_seed_steps(em_curves, EM_TARGET[1])
+            area = {s: curve_area(c) for s, c in curves.items()}
+            em_area = {s: curve_area(c) for s, c in em_curves.items() if c}
+            figures[est] = {"em": em, "area": area, "em_area": em_area, "greedy": greedy}
+            reach, reach_em = per_seed_steps(curves, target), per_seed_steps(em_curves, EM_TARGET[1])
             ci = lambda d: "{:.3f} [{:.3f}, {:.3f}]".format(*bootstrap_ci(list(d.values())))  # noqa: E731
             tokens = [r["generated_tokens"] for r in seeds.values() if r.get("generated_tokens") is not None]
             cost = f"{sum(tokens) / len(tokens) / 1e3:.0f}" if tokens else "n/a"
-            lines.append(f"| {est} | {ci(em)} | {ci(greedy) if greedy else '–'} | {ci(area)} | {reach} | {reach_em} | "
+            lines.append(f"| {est} | {ci(em)} | {ci(greedy) if greedy else '–'} | {ci(area)} | "
+                         f"{ci(em_area) if em_area else '–'} | {reach} | {reach_em} | "
                          f"{cost} | {len(seeds)} |")
         lines.append("")
         ref = next((e for e in ("mt_grpo", "mt_grpo_k") if e in figures), None)
         pairs = [(ref, e) for e in figures if ref and e != ref]
         pairs += [(a, b) for a, b in EXTRA_PAIRS if a in figures and b in figures]
         for ref, est in pairs:
-            for name, label in (("area", f"area under {key}"), ("em", "final exact match"),
-                                ("greedy", "final greedy exact match")):
+            for name, label in (("area", f"area under {key}"), ("em_area", f"area under {EM_TARGET[0]}"),
+                                ("em", "final exact match"), ("greedy", "final greedy exact match")):
                 if not set(figures[ref][name]) & set(figures[est][name]):
                     continue  # e.g. no greedy evaluation in these runs
                 d = paired_difference(figures[ref][name], figures[est][name])

@@ -517,6 +517,10 @@ def test_held_out_curves_give_areas_steps_to_target_and_paired_verdicts(tmp_path
     assert "mt_grpo - grpo_or, area under answer_in_result: +0.308" in section
     assert "mt_grpo higher" in section.split("area under answer_in_result: +0.308", 1)[1].split("\n", 1)[0]
     assert "final exact match: +0.000" in section and "not distinguishable" in section
+    # exact-match curves 0, 0.05, 0.1, 0.15 for both: the same area, 0.075, and a zero difference
+    row = next(ln for ln in section.splitlines() if ln.startswith("| mt_grpo |"))
+    assert row.split(" | ")[4] == "0.075 [0.075, 0.075]", row
+    assert "mt_grpo - grpo_or, area under exact_match: +0.000 [+0.000, +0.000]" in section
     assert "| mt_grpo | 0.210 [0.200, 0.220] | 0.510 [0.500, 0.520] |" in section  # sampled, greedy
     fig = tmp_path / "docs/results/two_turn_held_out.png"  # held-out curves with steps-to-target bars
     assert fig.is_file() and fig.stat().st_size > 10_000 and "](results/two_turn_held_out.png)" in report
@@ -567,7 +571,7 @@ def test_a_held_out_curve_without_step_0_starts_from_the_seeds_warm_start_run(tm
     text = "\n".join(held_out_section(load_records(runs), {"two_turn": ["mt_grpo"]}))
     # points (0, 0.2), (10, 1.0), (20, 1.0): area (10 * 0.6 + 10 * 1.0) / 20 = 0.8; 0.8 first reached at step 10
     # –: no greedy evaluation; 0: no tokens logged
-    assert "| mt_grpo | 0.300 [0.300, 0.300] | – | 0.800 [0.800, 0.800] | 10 | – | 0 | 1 |" in text  # –: no EM curve
+    assert "| mt_grpo | 0.300 [0.300, 0.300] | – | 0.800 [0.800, 0.800] | – | 10 | – | 0 | 1 |" in text  # –: no EM curve
     assert "greedy" not in text.split("|---|", 1)[1]  # and no greedy pair line
 
 
