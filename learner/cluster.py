@@ -26,6 +26,17 @@ from common.config import Config, check_placement  # noqa: F401 - the placement 
 log = logging.getLogger(__name__)
 
 
+def kill_actors(handles: list[Any]) -> None:
+    """Kill a run's actors without restarts (best effort: one that is gone already is skipped)."""
+    import ray
+
+    for handle in handles:
+        try:
+            ray.kill(handle, no_restart=True)
+        except Exception as e:  # noqa: BLE001 - best effort at shutdown
+            log.debug("could not kill an actor: %s", e)
+
+
 def learner_bundles(cfg: Config) -> list[dict[str, float]]:
     """One bundle per learner rank; with colocation, generator ``i``'s resources join bundle ``i``."""
     lc, g = cfg.learner, cfg.generators

@@ -30,6 +30,7 @@ from learner.evaluation import GREEDY_KEY, SAMPLED_KEY
 log = logging.getLogger(__name__)
 
 MODES = {"sampled": (SAMPLED_KEY, False), "greedy": (GREEDY_KEY, True)}  # mode -> (eval.json key, greedy)
+SAME = 1e-9  # evaluations this close count as the same figures
 PROVENANCE = "evaluated_after_training"  # eval.json: key -> how an evaluation added by this module was taken
 
 
@@ -110,13 +111,9 @@ class RunEvaluator:
         return evaluate_policy(self.cfg, self.rollout, self.questions, label, greedy=greedy)
 
     def close(self) -> None:
-        import ray
+        from learner.cluster import kill_actors
 
-        for handle in [self.rollout, *self.generators, *self.env_workers]:
-            try:
-                ray.kill(handle, no_restart=True)
-            except Exception as e:  # noqa: BLE001 - best effort at shutdown
-                log.debug("could not kill an actor: %s", e)
+        kill_actors([self.rollout, *self.generators, *self.env_workers])
 
 
 def max_difference(a: dict[str, float], b: dict[str, float]) -> float:
@@ -157,7 +154,7 @@ def evaluate_run(run_dir: str | Path, modes: tuple[str, ...] = ("sampled", "gree
     for key, got in out.results.items():
         if recorded is not None and isinstance(recorded.get(key), dict):
             out.max_diff[key] = max_difference(recorded[key], got)
-            if out.max_diff[key] > 1e-9:
+            if out.max_diff[key] > SAME:
                 log.warning("run %s: the saved policy's %s differs from the run's own by up to %.3f (not overwritten)",
                             run_dir.name, key, out.max_diff[key])
         elif recorded is not None:
@@ -182,7 +179,7 @@ def describe(res: Evaluated) -> str:
             fate = "added to eval.json" if res.written else "eval.json lacks it; not written"
         elif key in res.max_diff:
             d = res.max_diff[key]
-            fate = "the same as the run's own" if d <= 1e-9 else f"differs from the run's own by up to {d:.3f}"
+            fate = "the same as the run's own" if d <= SAME else f"differs from the run's own by up to {d:.3f}"
         else:
             fate = "not written"
         lines.append(f"  {key:15} {figures}  ({fate})")

@@ -375,21 +375,8 @@ def run_grid(exp: ExperimentConfig, runs: list[RunSpec], *,
                 log.info("run %s: copied from %s (continue_from)", spec.name, source)
                 shutil.copytree(source, spec.run_dir, symlinks=True)
                 status = "done"
-            if status == "done" and continuable(cfg, spec.run_dir):
-                t0 = time.time()
-                log.info("run %s: done at step %s; continuing it to step %d from its last checkpoint", spec.name,
-                         finished_eval(spec.run_dir).get("steps"), cfg.learner.total_steps)
-                try:
-                    continue_fn(cfg, spec.run_dir)
-                except Exception:  # noqa: BLE001 - the next invocation continues from the newest checkpoint
-                    log.exception("run %s: continuing failed after %.0f s", spec.name, time.time() - t0)
-                    out.failed.append(spec.name)
-                    if owns_ray and ray.is_initialized():
-                        ray.shutdown()
-                    continue
-                out.trained.append(spec.name)
-                continue
-            if status == "done":
+            resume = status == "done" and continuable(cfg, spec.run_dir)
+            if status == "done" and not resume:
                 if lacks_greedy(cfg, spec.run_dir):
                     t0 = time.time()
                     log.info("run %s: done; adding the greedy evaluation it lacks from its saved policy", spec.name)
@@ -409,13 +396,15 @@ def run_grid(exp: ExperimentConfig, runs: list[RunSpec], *,
             left = len(todo) - len(out.trained) - len(out.failed)
             per_run = (time.time() - t_start) / max(1, len(out.trained) + len(out.failed))
             eta = f", about {per_run * left / 60:.0f} min left" if out.trained or out.failed else ""
-            log.info("run %s (%d of %d to train%s)", spec.name, len(todo) - left + 1, len(todo), eta)
+            how = (f"continuing it from step {finished_eval(spec.run_dir).get('steps')} to {cfg.learner.total_steps}, "
+                   "from its last checkpoint; " if resume else "")
+            log.info("run %s (%s%d of %d to train%s)", spec.name, how, len(todo) - left + 1, len(todo), eta)
             t0 = time.time()
             try:
-                train_fn(cfg)
-            except Exception:  # noqa: BLE001 - record it, keep the grid going; a rerun redoes it
-                log.exception("run %s failed after %.0f s; it will be redone by the next invocation",
-                              spec.name, time.time() - t0)
+                continue_fn(cfg, spec.run_dir) if resume else train_fn(cfg)
+            except Exception:  # noqa: BLE001 - record it, keep the grid going; a rerun redoes (or continues) it
+                log.exception("run %s failed after %.0f s; the next invocation redoes it (a continued run goes on "
+                              "from its newest checkpoint)", spec.name, time.time() - t0)
                 out.failed.append(spec.name)
                 if owns_ray and ray.is_initialized():
                     ray.shutdown()  # the next run starts a clean Ray session

@@ -244,8 +244,8 @@ def held_out_section(records: list[dict[str, Any]], order: dict[str, list[str]])
              f"From each run's held-out curve (`eval.json` `curve`; every point in `runs.csv`): final exact match "
              "(sampled; greedy from `trained_greedy`), "
              f"areas under the {key} and {EM_TARGET[0]} curves (their mean level over training: quicker scores "
-             "higher), and the first "
-             f"evaluated step with {key} >= {target} and with {EM_TARGET[0]} >= {EM_TARGET[1]}; a curve starts at step 0 with the seed's warm-start run when the "
+             f"higher), and the first evaluated step with {key} >= {target} and with {EM_TARGET[0]} >= "
+             f"{EM_TARGET[1]}; a curve starts at step 0 with the seed's warm-start run when the "
              "run did not evaluate before training. Intervals: 95 % percentile bootstrap over seeds. Pairs: "
              "the per-seed difference (same seed = same data order and warm start), with a verdict only when "
              "its interval excludes 0.", ""]

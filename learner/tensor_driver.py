@@ -32,6 +32,7 @@ from common.config_agent import AgentConfig
 from common.config_sections import ConfigError
 from common.replay_queue import ReplayQueue, register_arrow_serializers
 from env_workers.tensor_env import make_tensor_env
+from learner.cluster import kill_actors
 from learner.estimator_config import check_estimator_config
 
 log = logging.getLogger(__name__)
@@ -175,13 +176,7 @@ class AgentTrainer:
         return sum(s["errors"] for s in ray.get([w.stats.remote() for w in self.env_workers]))
 
     def close(self) -> None:
-        import ray
-
-        for h in [self.rollout, self.learner, *self.env_workers, self.queue]:
-            try:
-                ray.kill(h, no_restart=True)
-            except Exception as e:  # noqa: BLE001 - best effort at shutdown
-                log.debug("could not kill an actor: %s", e)
+        kill_actors([self.rollout, self.learner, *self.env_workers, self.queue])
 
 
 def format_agent_table(results: dict[str, Any]) -> str:

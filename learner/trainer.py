@@ -33,7 +33,7 @@ from env_workers.rewards import RewardWeights
 from env_workers.judge_client import JudgeClient
 from env_workers.judge_model import JudgeActor
 from env_workers.worker import EnvWorker
-from learner.cluster import Placement, RestartCounter
+from learner.cluster import Placement, RestartCounter, kill_actors
 from learner.evaluation import episode_metrics, episode_summaries, multi_hop_summary, summarize_episodes
 from learner.faults import EpisodeAudit, rollout_with_retries
 from learner.weight_sync import make_weight_sync
@@ -328,12 +328,6 @@ class Trainer:
 
     def close(self) -> None:
         """Kill this run's actors and free its placement group; Ray itself stays up for the next run."""
-        import ray
-
-        for handle in [*self.rollouts, *self.generators, *self.env_workers, *self.judges, *self.learners, self.queue,
-                       self.weight_store]:
-            try:
-                ray.kill(handle, no_restart=True)
-            except Exception as e:  # noqa: BLE001 - best effort at shutdown
-                log.debug("could not kill an actor: %s", e)
+        kill_actors([*self.rollouts, *self.generators, *self.env_workers, *self.judges, *self.learners, self.queue,
+                     self.weight_store])
         self.placement.remove()
